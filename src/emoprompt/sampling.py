@@ -1,0 +1,100 @@
+"""The seeded evaluation sample of the test split and its class counts."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import pandas as pd
+
+from .data import read_split, write_split
+from .files import atomic_open
+from .labels import LABELS
+
+SCHEMES = ("random", "stratified")
+
+
+def parse_size(size: int | str, available: int) -> int:
+    """Turn the ``sample_size`` setting (a positive integer or "all") into a count."""
+    if isinstance(size, str):
+        if size.strip().lower() == "all":
+            return available
+        if not size.strip().isdigit():
+            raise ValueError(f"sample_size must be a positive integer or 'all', not {size!r}")
+        size = int(size)
+    if size < 1:
+        raise ValueError(f"sample_size must be at least 1, not {size}")
+    if size > available:
+        raise ValueError(f"sample_size {size} is larger than the test split ({available} tweets)")
+    return size
+
+
+def _stratified_counts(labels: Sequence[str], size: int) -> dict[str, int]:
+    """Per-class counts proportional to the split, rounded by largest remainder."""
+    counts = Counter(labels)
+    total = len(labels)
+    order = [label for label in LABELS if label in counts] + sorted(set(counts) - set(LABELS))
+    exact = {label: size * counts[label] / total for label in order}
+    taken = {label: int(exact[label]) for label in order}
+    # Largest remainder first; ties go to the class listed first, so the result is stable.
+    by_remainder = sorted(order, key=lambda label: -(exact[label] - taken[label]))
+    for label in by_remainder[: size - sum(taken.values())]:
+        taken[label] += 1
+    return taken
+
+
+def sample_indices(labels: Sequence[str], size: int | str, scheme: str, seed: int) -> list[int]:
+    """Row positions of the evaluation sample, in the split's order.
+
+    ``random`` draws ``random.Random(seed).sample(range(n), size)``; ``stratified`` keeps
+    each class's share of the split (largest-remainder rounding) and draws within each
+    class with the same seeded generator. The same seed always gives the same rows.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"sample_scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+    n = parse_size(size, len(labels))
+    rng = random.Random(seed)
+    if scheme == "random":
+        return sorted(rng.sample(range(len(labels)), n))
+    chosen: list[int] = []
+    for label, count in _stratified_counts(labels, n).items():
+        rows = [i for i, value in enumerate(labels) if value == label]
+        chosen.extend(rng.sample(rows, count))
+    return sorted(chosen)
+
+
+def sample_split(test: pd.DataFrame, size: int | str, scheme: str, seed: int) -> pd.DataFrame:
+    """The evaluation sample of a canonical test split."""
+    rows = sample_indices(test["label"].tolist(), size, scheme, seed)
+    return test.iloc[rows].reset_index(drop=True)
+
+
+def class_distribution(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Counts and shares per class (rows in label order) for each named split."""
+    table = pd.DataFrame({"label": list(LABELS)})
+    for name, frame in splits.items():
+        counts = frame["label"].value_counts()
+        table[name] = [int(counts.get(label, 0)) for label in LABELS]
+        table[f"{name}_share"] = (table[name] / max(len(frame), 1)).round(4)
+    return table
+
+
+def write_sample(
+    train_path: str,
+    test_path: str,
+    sample_out: str,
+    distribution_out: str,
+    *,
+    size: int | str,
+    scheme: str,
+    seed: int,
+) -> pd.DataFrame:
+    """Draw the evaluation sample from prepared splits; write it and the class counts."""
+    train, test = read_split(train_path), read_split(test_path)
+    sample = sample_split(test, size, scheme, seed)
+    write_split(sample, sample_out)
+    table = class_distribution({"train": train, "test": test, "sample": sample})
+    with atomic_open(distribution_out) as handle:
+        table.to_csv(handle, sep="\t", index=False, lineterminator="\n")
+    return table

@@ -1,0 +1,52 @@
+"""Shared fixtures: the local copy of the EmoEvalEs data and a scratch copy of the workflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytest_plugins = ("fixtures_models",) if (Path(__file__).parent / "fixtures_models.py").exists() else ()  # TODO plain
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The local copy of EmoEvalEs (the zip and the TSVs); EMOEVALES_DIR overrides."""
+    path = Path(os.environ.get("EMOEVALES_DIR", REPO.parent / "shared" / "data" / "emoevales"))
+    if not (path / "emoeval_data.zip").is_file():
+        pytest.fail(f"EmoEvalEs copy not found at {path}; set EMOEVALES_DIR", pytrace=False)
+    return path
+
+
+@pytest.fixture
+def workflow_dir(tmp_path: Path) -> Path:
+    """A scratch copy of the workflow (Snakefile, config, rules, prompts) to run or edit."""
+    dest = tmp_path / "wf"
+    dest.mkdir()
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy2(REPO / name, dest / name)
+    for name in ("workflow", "prompts"):
+        if (REPO / name).exists():
+            shutil.copytree(REPO / name, dest / name)
+    (dest / "src").symlink_to(REPO / "src")
+    return dest
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the venv's snakemake in ``workdir``; on failure show its output."""
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,50 @@
+rule download:
+    input:
+        local_source(),
+    output:
+        data=raw_data_output(),
+        provenance="data/raw/provenance.json",
+    params:
+        source=config["data_source"],
+        sha256=config["data_sha256"],
+        timeout=config["download_timeout"],
+        retries=config["download_retries"],
+    log:
+        "logs/download.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/download.py"
+
+
+rule prepare:
+    input:
+        raw_data_path(),
+    output:
+        train="data/processed/train.tsv",
+        test="data/processed/test.tsv",
+    log:
+        "logs/prepare.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/prepare.py"
+
+
+rule sample:
+    input:
+        train="data/processed/train.tsv",
+        test="data/processed/test.tsv",
+    output:
+        sample="data/processed/test_sample.tsv",
+        distribution="results/data/class_distribution.tsv",
+    params:
+        size=config["sample_size"],
+        scheme=config["sample_scheme"],
+        seed=config["sample_seed"],
+    log:
+        "logs/sample.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/sample.py"

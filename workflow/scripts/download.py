@@ -1,0 +1,21 @@
+"""Snakemake adapter: fetch the data source and record its provenance."""
+
+from emoprompt.download import fetch
+from emoprompt.files import write_json
+from emoprompt.logs import setup_logging
+
+
+def main(snakemake) -> None:
+    setup_logging(snakemake.log[0])
+    provenance = fetch(
+        snakemake.params.source,
+        snakemake.output.data,
+        sha256=snakemake.params.sha256,
+        timeout=snakemake.params.timeout,
+        retries=snakemake.params.retries,
+    )
+    write_json(snakemake.output.provenance, provenance.as_dict())
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake

@@ -1,0 +1,18 @@
+"""Snakemake adapter: validate the raw splits and write the canonical train/test TSVs."""
+
+import logging
+
+from emoprompt.data import prepare
+from emoprompt.logs import setup_logging
+
+
+def main(snakemake) -> None:
+    setup_logging(snakemake.log[0])
+    counts = prepare(snakemake.input[0], snakemake.output.train, snakemake.output.test)
+    logging.getLogger("prepare").info(
+        "prepared %d train and %d test tweets", counts["train"], counts["test"]
+    )
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake

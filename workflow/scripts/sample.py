@@ -1,0 +1,24 @@
+"""Snakemake adapter: draw the seeded evaluation sample and count its classes."""
+
+import logging
+
+from emoprompt.logs import setup_logging
+from emoprompt.sampling import write_sample
+
+
+def main(snakemake) -> None:
+    setup_logging(snakemake.log[0])
+    table = write_sample(
+        snakemake.input.train,
+        snakemake.input.test,
+        snakemake.output.sample,
+        snakemake.output.distribution,
+        size=snakemake.params.size,
+        scheme=snakemake.params.scheme,
+        seed=snakemake.params.seed,
+    )
+    logging.getLogger("sample").info("class counts:\n%s", table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake
