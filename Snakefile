@@ -11,6 +11,6 @@ include: "workflow/rules/data.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_outputs(),
-    default_target: True

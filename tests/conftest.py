@@ -13,7 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-pytest_plugins = ("fixtures_models",) if (Path(__file__).parent / "fixtures_models.py").exists() else ()  # TODO plain
+pytest_plugins = (
+    ("fixtures_models",) if (Path(__file__).parent / "fixtures_models.py").exists() else ()
+)  # TODO plain
 
 
 @pytest.fixture(scope="session")

@@ -47,11 +47,22 @@ def test_reads_a_valid_csv_with_spanish_labels():
         ("1,ev,hola,NO,joy\n2,ev,hola,NO,happiness\n", 3, "unknown label 'happiness'"),
         ("1,ev,hola,NO,joy\n2,ev,   ,NO,joy\n", 3, "empty tweet"),
         ("1,ev,hola,NO,joy\n,ev,hola,NO,joy\n", 3, "empty id"),
-        ("1,ev,hola,NO,joy\n2,ev,b,NO,joy\n1,ev,c,NO,fear\n", 4, "duplicate id 1 (first on line 2)"),
+        (
+            "1,ev,hola,NO,joy\n2,ev,b,NO,joy\n1,ev,c,NO,fear\n",
+            4,
+            "duplicate id 1 (first on line 2)",
+        ),
         ("1,ev,hola,NO,joy\n\n2,ev,b,NO,joy\n", 3, "expected 5 fields, found 0"),
     ],
-    ids=["too-many-fields", "too-few-fields", "bad-label", "empty-tweet", "empty-id",
-         "duplicate-id", "blank-line"],
+    ids=[
+        "too-many-fields",
+        "too-few-fields",
+        "bad-label",
+        "empty-tweet",
+        "empty-id",
+        "duplicate-id",
+        "blank-line",
+    ],
 )
 def test_malformed_rows_name_file_line_and_reason(body, line, reason):
     message = error_of(csv_split(body))
@@ -84,7 +95,9 @@ def test_invalid_utf8_names_the_line():
 
 
 def test_bom_crlf_and_quoted_fields_read_correctly():
-    text = HEADER.replace("\n", "\r\n") + '1,ev,"uno, dos\r\ny tres",NO,sadness\r\n2,ev,b,NO,fear\r\n'
+    text = (
+        HEADER.replace("\n", "\r\n") + '1,ev,"uno, dos\r\ny tres",NO,sadness\r\n2,ev,b,NO,fear\r\n'
+    )
     frame = parse_split(SplitFile("dev.csv", ".csv", b"\xef\xbb\xbf" + text.encode()))
     assert frame["id"].tolist() == ["1", "2"]  # the BOM did not stick to the first column name
     assert frame["tweet"][0] == "uno, dos\r\ny tres"
@@ -133,7 +146,9 @@ def test_write_and_read_round_trip(tmp_path: Path):
 
 
 def test_real_data_counts_and_sources_agree(data_dir: Path, tmp_path: Path):
-    counts = prepare(data_dir / "emoeval_data.zip", tmp_path / "a_train.tsv", tmp_path / "a_test.tsv")
+    counts = prepare(
+        data_dir / "emoeval_data.zip", tmp_path / "a_train.tsv", tmp_path / "a_test.tsv"
+    )
     assert counts == {"train": 5723, "test": 844}
     prepare(data_dir, tmp_path / "b_train.tsv", tmp_path / "b_test.tsv")
     for split in ("train", "test"):

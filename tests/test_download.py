@@ -91,7 +91,7 @@ def test_download_succeeds_and_verifies(server: Server, data_dir: Path, tmp_path
 
 def test_wrong_checksum_fails_clearly_and_leaves_nothing(server: Server, tmp_path: Path):
     dest = tmp_path / "raw" / "emoeval_data.zip"
-    with pytest.raises(DownloadError, match="checksum mismatch .* expected sha256 0{64}, got"):
+    with pytest.raises(DownloadError, match=r"checksum mismatch .* expected sha256 0{64}, got"):
         fetch(f"{server.url}/emoeval_data.zip", dest, sha256="0" * 64, retries=0)
     assert list(dest.parent.iterdir()) == []
 

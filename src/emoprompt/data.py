@@ -97,9 +97,7 @@ def locate_splits(raw: str | os.PathLike[str]) -> dict[str, SplitFile]:
             if hit:
                 found.setdefault(hit[0], []).append((member, hit[1]))
         chosen = _pick(found, str(raw))
-        return {
-            s: SplitFile(f"{raw}::{m}", suf, archive.read(m)) for s, (m, suf) in chosen.items()
-        }
+        return {s: SplitFile(f"{raw}::{m}", suf, archive.read(m)) for s, (m, suf) in chosen.items()}
 
 
 def _records(split: SplitFile) -> Iterable[tuple[int, list[str]]]:
@@ -154,7 +152,9 @@ def parse_split(split: SplitFile) -> pd.DataFrame:
             if not values["id"]:
                 problem = "empty id"
             elif values["id"] in first_line_of:
-                problem = f"duplicate id {values['id']} (first on line {first_line_of[values['id']]})"
+                problem = (
+                    f"duplicate id {values['id']} (first on line {first_line_of[values['id']]})"
+                )
             elif not tweet.strip():
                 problem = "empty tweet"
             else:
@@ -170,7 +170,8 @@ def parse_split(split: SplitFile) -> pd.DataFrame:
         first_line_of[values["id"]] = line
         rows.append((values["id"], values["event"], tweet, values["offensive"], label))
     if errors:
-        more = " (stopped after the first %d)" % MAX_REPORTED_ERRORS if len(errors) >= MAX_REPORTED_ERRORS else ""
+        stopped = len(errors) >= MAX_REPORTED_ERRORS
+        more = f" (stopped after the first {MAX_REPORTED_ERRORS})" if stopped else ""
         raise DataError(f"{len(errors)} problem(s) in {split.name}{more}:\n" + "\n".join(errors))
     if not rows:
         raise DataError(f"{split.name}: no data rows after the header")

@@ -14,7 +14,7 @@ import shutil
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -90,9 +90,10 @@ def _stream_to(
             )
         expected = response.headers.get("Content-Length")
         total = int(expected) if expected and expected.isdigit() else None
-        with open(dest, "wb") as handle, tqdm(
-            total=total, unit="B", unit_scale=True, desc="download", mininterval=2.0
-        ) as bar:
+        with (
+            open(dest, "wb") as handle,
+            tqdm(total=total, unit="B", unit_scale=True, desc="download", mininterval=2.0) as bar,
+        ):
             for chunk in response.iter_content(chunk_size):
                 handle.write(chunk)
                 digest.update(chunk)
@@ -123,7 +124,9 @@ def download_url(
             last = f"{type(exc).__name__}: {exc}"
         if attempt <= retries:
             wait = backoff * 2 ** (attempt - 1)
-            log.warning("attempt %d for %s failed (%s); retrying in %.1f s", attempt, shown, last, wait)
+            log.warning(
+                "attempt %d for %s failed (%s); retrying in %.1f s", attempt, shown, last, wait
+            )
             time.sleep(wait)
     raise DownloadError(f"downloading {shown} failed after {retries + 1} attempts: {last}")
 
@@ -172,7 +175,7 @@ def fetch(
     """Fetch the data ``source`` to ``dest`` (a zip file, or a folder for a folder source)."""
     dest = Path(dest)
     kind = source_kind(source)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     with atomic_path(dest) as tmp:
         if kind == "folder":
             splits = locate_splits(Path(source))

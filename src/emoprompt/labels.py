@@ -26,6 +26,4 @@ def to_spanish(label: str) -> str:
         return ENGLISH_TO_SPANISH[key.lower()]
     if key in SPANISH_TO_ENGLISH:
         return key
-    raise ValueError(
-        f"unknown label {label!r}; expected one of {', '.join(ENGLISH_TO_SPANISH)}"
-    )
+    raise ValueError(f"unknown label {label!r}; expected one of {', '.join(ENGLISH_TO_SPANISH)}")

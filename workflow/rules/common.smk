@@ -1,27 +1,21 @@
-import os
 import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-# The logic lives in the emoprompt package under src/; make it importable for the
-# workflow itself and for every job, including jobs run in their own conda envs or
-# on cluster nodes (they re-read this file).
+# The logic lives in the emoprompt package under src/: importable here even when the
+# package is not installed (jobs' scripts do the same through scripts/_bootstrap.py).
 SRC = str(Path(workflow.basedir) / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p
-)
 
 from emoprompt.download import source_kind  # noqa: E402
-
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 
 def raw_data_path():
-    """Where the download rule puts the data: a zip, or a folder for a folder source."""
+    """Where the raw data goes (a zip, or a folder when the source is a folder)."""
     if source_kind(config["data_source"]) == "folder":
         return "data/raw/emoeval_data"
     return "data/raw/emoeval_data.zip"
@@ -33,7 +27,7 @@ def raw_data_output():
 
 
 def local_source():
-    """A local data source is an input, so that editing it re-runs the data steps."""
+    """A local data source is an input, so that editing it re-runs the data steps"""
     if source_kind(config["data_source"]) == "url":
         return []
     return config["data_source"]

@@ -4,15 +4,15 @@ rule download:
     output:
         data=raw_data_output(),
         provenance="data/raw/provenance.json",
+    log:
+        "logs/download.log",
+    conda:
+        "../envs/data.yaml"
     params:
         source=config["data_source"],
         sha256=config["data_sha256"],
         timeout=config["download_timeout"],
         retries=config["download_retries"],
-    log:
-        "logs/download.log",
-    conda:
-        "../envs/data.yaml"
     script:
         "../scripts/download.py"
 
@@ -38,13 +38,13 @@ rule sample:
     output:
         sample="data/processed/test_sample.tsv",
         distribution="results/data/class_distribution.tsv",
-    params:
-        size=config["sample_size"],
-        scheme=config["sample_scheme"],
-        seed=config["sample_seed"],
     log:
         "logs/sample.log",
     conda:
         "../envs/data.yaml"
+    params:
+        size=config["sample_size"],
+        scheme=config["sample_scheme"],
+        seed=config["sample_seed"],
     script:
         "../scripts/sample.py"

@@ -1,5 +1,7 @@
 """Snakemake adapter: fetch the data source and record its provenance."""
 
+import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
+
 from emoprompt.download import fetch
 from emoprompt.files import write_json
 from emoprompt.logs import setup_logging

@@ -2,6 +2,8 @@
 
 import logging
 
+import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
+
 from emoprompt.data import prepare
 from emoprompt.logs import setup_logging
 
