@@ -1,6 +1,8 @@
+import re
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 # The logic lives in the emoprompt package under src/: importable here even when the
@@ -10,6 +12,7 @@ if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
 from emoprompt.download import source_kind  # noqa: E402
+from emoprompt.strategies import BASELINE_MODEL, STRATEGIES, strategies_for  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
@@ -42,6 +45,101 @@ def data_outputs():
     ]
 
 
+missing_models = [m for m in config["models"] if m not in config["model_catalogue"]]
+if missing_models:
+    raise WorkflowError(
+        f"config 'models' names {', '.join(missing_models)}, not in model_catalogue "
+        f"(known: {', '.join(config['model_catalogue'])})"
+    )
+
+LLM_STRATEGIES = [name for name, s in STRATEGIES.items() if s.family is not None]
+PROMPT_FILES = {
+    "zero_shot": "prompts/zero_shot.yaml",
+    "few_shot": "prompts/few_shot.yaml",
+    "finetuned": "prompts/finetuned.yaml",
+}
+
+
+wildcard_constraints:
+    model="|".join(re.escape(name) for name in config["model_catalogue"]) or "^$",
+    strategy="|".join(LLM_STRATEGIES),
+
+
+def model_entry(name):
+    return config["model_catalogue"][name]
+
+
+def model_params(wildcards):
+    return model_entry(wildcards.model)
+
+
+def prediction_pairs():
+    """(model, strategy) pairs to run: every strategy that fits each model's format."""
+    pairs = []
+    for model in config["models"]:
+        fmt = model_entry(model)["prompt_format"]
+        pairs += [(model, s) for s in strategies_for(fmt, config["strategies"])]
+    if "baseline_tfidf" in config["strategies"]:
+        pairs.append((BASELINE_MODEL, "baseline_tfidf"))
+    return pairs
+
+
+def prediction_outputs():
+    return [
+        f"results/predictions/{model}/{strategy}.{ext}"
+        for model, strategy in prediction_pairs()
+        for ext in ("tsv", "json")
+    ]
+
+
+def inspect_outputs():
+    return [f"results/inspect/{model}.md" for model in config["models"]]
+
+
+def model_location(wildcards):
+    """Where the model is loaded from: the converted folder, a local folder or a hub id."""
+    entry = model_entry(wildcards.model)
+    if entry["source"] == "embedded":
+        return f"data/models/{wildcards.model}"
+    if entry["source"] == "local":
+        return entry["path"]
+    return entry["hub_id"]
+
+
+def model_files(wildcards):
+    """The model as an input file, where it is one (hub models are fetched by the job)."""
+    entry = model_entry(wildcards.model)
+    return [] if entry["source"] == "hub" else [model_location(wildcards)]
+
+
+def predict_inputs(wildcards):
+    family = STRATEGIES[wildcards.strategy].family
+    return {
+        "train": "data/processed/train.tsv",
+        "sample": "data/processed/test_sample.tsv",
+        "prompt": PROMPT_FILES[family],
+        "model": model_files(wildcards),
+    }
+
+
+def predict_settings(wildcards):
+    """What the strategy needs from config (so that a change re-runs exactly the jobs)."""
+    method = STRATEGIES[wildcards.strategy].method
+    return {
+        "decoding": config["decoding"] if method == "generate" else {},
+        "scoring": config["scoring"] if method == "label_likelihood" else {},
+        "fallback_label": config["fallback_label"],
+        "engine": config["engine"],
+    }
+
+
+def gguf_source(wildcards):
+    entry = model_entry(wildcards.model)
+    if entry["source"] != "embedded":
+        raise WorkflowError(f"model {wildcards.model} is not an embedded model")
+    return {"package": entry["gguf_package"], "file": entry["gguf_file"], "dtype": entry["dtype"]}
+
+
 def all_outputs():
     """Everything `snakemake` builds by default."""
-    return data_outputs()
+    return data_outputs() + prediction_outputs() + inspect_outputs()

@@ -1,0 +1,110 @@
+"""One prediction job: load the model, run a strategy over the sample, write its files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .data import read_split
+from .prompts import load_prompt_file
+from .strategies import STRATEGIES, Result, Settings, run_baseline, run_llm_strategy, write_result
+
+log = logging.getLogger(__name__)
+
+
+def auto_batch_size(device: str) -> int:
+    """Prompts per forward pass: larger on an accelerator, 16 on a CPU (little gain beyond)."""
+    return 32 if device.startswith("cuda") else 16
+
+
+def configure_threads(threads: int | str, job_threads: int) -> int:
+    """Set torch's CPU threads from the setting ("auto": the job's threads)."""
+    count = job_threads if threads == "auto" else int(threads)
+    count = max(1, count)
+    torch.set_num_threads(count)
+    return count
+
+
+def settings_from_config(settings: Mapping[str, Any]) -> Settings:
+    decoding = settings.get("decoding") or {}
+    scoring = settings.get("scoring") or {}
+    return Settings(
+        max_new_tokens=decoding.get("max_new_tokens", 20),
+        do_sample=decoding.get("do_sample", False),
+        temperature=decoding.get("temperature", 1.0),
+        seed=decoding.get("seed", 0),
+        fallback_label=settings.get("fallback_label", "Otras"),
+        length_normalize=scoring.get("length_normalize", False),
+        calibrate=scoring.get("calibrate", False),
+    )
+
+
+def run_prediction(
+    *,
+    model_name: str,
+    entry: Mapping[str, Any],
+    location: str,
+    strategy_name: str,
+    prompt_path: str,
+    train_path: str,
+    sample_path: str,
+    settings: Mapping[str, Any],
+    job_threads: int,
+    tsv_out: str,
+    json_out: str,
+) -> Result:
+    """Everything a `predict` job does, so the workflow script only unpacks Snakemake."""
+    from .engine import Engine  # torch-heavy imports only where a model runs
+    from .models import load_model
+
+    strategy = STRATEGIES[strategy_name]
+    engine_settings = settings.get("engine") or {}
+    threads = configure_threads(engine_settings.get("threads", "auto"), job_threads)
+    prompt = load_prompt_file(prompt_path, strategy.family)
+    train, sample = read_split(train_path), read_split(sample_path)
+    loaded = load_model(dict(entry), location)
+    device = loaded.info.get("device", "cpu")
+    batch_size = engine_settings.get("batch_size", "auto")
+    batch_size = auto_batch_size(device) if batch_size == "auto" else int(batch_size)
+    log.info(
+        "%s / %s: %d tweets on %s, batch %d, %d threads",
+        model_name, strategy_name, len(sample), device, batch_size, threads,
+    )
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        batch_size=batch_size,
+        reuse_prefix=engine_settings.get("reuse_prefix", True),
+    )
+    run_settings = settings_from_config(settings)
+    run_settings.chat_template_kwargs = dict(entry.get("chat_template_kwargs") or {})
+    result = run_llm_strategy(
+        strategy, engine, loaded.tokenizer, prompt, train, sample, run_settings
+    )
+    result.metadata = {
+        "model": model_name,
+        **{k: v for k, v in loaded.info.items() if k != "name"},
+        "batch_size": batch_size,
+        "threads": threads,
+        "engine_stats": dict(engine.stats),
+        **result.metadata,
+    }
+    write_result(result, tsv_out, json_out)
+    log.info(
+        "%s / %s: %.2f tweets/s, %d unparsed",
+        model_name, strategy_name, result.metadata["tweets_per_s"] or 0, result.metadata["unparsed"],
+    )
+    return result
+
+
+def run_baseline_job(train_path: str, sample_path: str, seed: int, tsv_out: str, json_out: str):
+    """The TF-IDF baseline job."""
+    result = run_baseline(read_split(train_path), read_split(sample_path), seed=seed)
+    write_result(result, tsv_out, json_out)
+    log.info("baseline_tfidf: %d tweets", len(result.predictions))
+    return result
+
+
