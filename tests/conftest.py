@@ -14,8 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 pytest_plugins = ("fixtures_models",)
-    ("fixtures_models",) if (Path(__file__).parent / "fixtures_models.py").exists() else ()
-)  # TODO plain
 
 
 @pytest.fixture(scope="session")

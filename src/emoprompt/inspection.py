@@ -53,6 +53,7 @@ def inspection_markdown(
     label_tokens: list[list[int]],
 ) -> str:
     """The inspection page for one model, as Markdown."""
+    prompt_length = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     lines = [f"# Inside {model_name}", ""]
     lines += [f"- {key}: {value}" for key, value in info.items() if value is not None]
     lines += ["", "## Tokenizer", "", f"Vocabulary size: **{len(tokenizer):,}** tokens "]
@@ -76,7 +77,7 @@ def inspection_markdown(
         "",
         "## The prompt the model sees",
         "",
-        f"Zero-shot prompt for that tweet ({len(tokenizer(prompt_text, add_special_tokens=False)['input_ids'])} tokens):",
+        f"The prompt for that tweet ({prompt_length} tokens):",
         "",
         "```text",
         prompt_text,

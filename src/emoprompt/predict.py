@@ -71,7 +71,12 @@ def run_prediction(
     batch_size = auto_batch_size(device) if batch_size == "auto" else int(batch_size)
     log.info(
         "%s / %s: %d tweets on %s, batch %d, %d threads",
-        model_name, strategy_name, len(sample), device, batch_size, threads,
+        model_name,
+        strategy_name,
+        len(sample),
+        device,
+        batch_size,
+        threads,
     )
     engine = Engine(
         loaded.model,
@@ -95,7 +100,10 @@ def run_prediction(
     write_result(result, tsv_out, json_out)
     log.info(
         "%s / %s: %.2f tweets/s, %d unparsed",
-        model_name, strategy_name, result.metadata["tweets_per_s"] or 0, result.metadata["unparsed"],
+        model_name,
+        strategy_name,
+        result.metadata["tweets_per_s"] or 0,
+        result.metadata["unparsed"],
     )
     return result
 
@@ -106,5 +114,3 @@ def run_baseline_job(train_path: str, sample_path: str, seed: int, tsv_out: str,
     write_result(result, tsv_out, json_out)
     log.info("baseline_tfidf: %d tweets", len(result.predictions))
     return result
-
-

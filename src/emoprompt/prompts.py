@@ -89,7 +89,9 @@ def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
     expected = FAMILY_KEYS[family]
     unknown = sorted(set(data) - set(expected))
     if unknown:
-        raise PromptError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(expected)}")
+        raise PromptError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(expected)}"
+        )
     for key, kind in expected.items():
         if key not in data:
             if key in OPTIONAL_KEYS.get(family, set()):
@@ -104,7 +106,11 @@ def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
         raise PromptError(f"{path}: 'assistant' must contain the placeholder {{label}}")
     if family == "finetuned":
         bad = [t for t in data.get("label_map", {}).values() if t not in LABELS]
-        unmapped = [lab for lab in data["labels"] if lab not in LABELS and lab not in data.get("label_map", {})]
+        unmapped = [
+            lab
+            for lab in data["labels"]
+            if lab not in LABELS and lab not in data.get("label_map", {})
+        ]
         if bad or unmapped:
             raise PromptError(
                 f"{path}: every label must be one of {', '.join(LABELS)} or mapped to one "
@@ -144,7 +150,9 @@ def render_chat(
     whole prompt becomes the suffix and nothing is shared.
     """
     kwargs = dict(template_kwargs or {})
-    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    full = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **kwargs
+    )
     head = tokenizer.apply_chat_template(messages[:-1], tokenize=False, **kwargs)
     if full.startswith(head):
         return PromptParts(prefix=head, suffix=full[len(head) :])

@@ -7,6 +7,7 @@ whole-label likelihood and a TF-IDF baseline are added beside them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -99,10 +100,8 @@ def score_columns(labels: Sequence[str] = LABELS) -> list[str]:
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("emoprompt", "torch", "transformers", "scikit-learn", "numpy", "pandas"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return versions
 
 
@@ -202,9 +201,7 @@ def run_llm_strategy(
         raw = [g.text for g in generations]
         answers = [parse_label(text, labels, fallback=None) for text in raw]
         parsed = [a.parsed for a in answers]
-        predicted = [
-            label_map[a.label] if a.parsed else settings.fallback_label for a in answers
-        ]
+        predicted = [label_map[a.label] if a.parsed else settings.fallback_label for a in answers]
     else:
         if strategy.method == "first_token":
             probs = engine.first_token_probs(parts, labels)
@@ -220,7 +217,9 @@ def run_llm_strategy(
                 prior = _calibration(engine, content_free, labels, settings)
                 probs = probs / prior
                 probs = probs / probs.sum(axis=1, keepdims=True)
-                record["calibration_prior"] = dict(zip(labels, prior.round(6).tolist(), strict=True))
+                record["calibration_prior"] = dict(
+                    zip(labels, prior.round(6).tolist(), strict=True)
+                )
         probs7 = to_seven(probs, labels, label_map)
         predicted = [LABELS[i] for i in probs7.argmax(axis=1)]
     seconds = time.perf_counter() - start
@@ -273,8 +272,9 @@ def run_llm_strategy(
 def _content_free_prompt(strategy, prompt, tokenizer, train, sample, text, settings):
     """The strategy's prompt with a content-free tweet (same shots as the first tweet)."""
     stand_in = sample.iloc[:1].assign(tweet=text)
-    parts, _ = build_prompts(strategy, prompt, tokenizer, train, stand_in,
-                             settings.chat_template_kwargs)
+    parts, _ = build_prompts(
+        strategy, prompt, tokenizer, train, stand_in, settings.chat_template_kwargs
+    )
     return parts[0]
 
 
@@ -325,7 +325,12 @@ def write_result(result: Result, tsv_path: str, json_path: str) -> None:
 
 def read_predictions(path: str) -> pd.DataFrame:
     """Read a predictions TSV written by :func:`write_result`."""
-    frame = pd.read_csv(path, sep="\t", dtype={"id": str, "raw": str}, keep_default_na=False,
-                        na_values={c: [""] for c in score_columns()})
+    frame = pd.read_csv(
+        path,
+        sep="\t",
+        dtype={"id": str, "raw": str},
+        keep_default_na=False,
+        na_values={c: [""] for c in score_columns()},
+    )
     frame["parsed"] = frame["parsed"].astype(str).str.lower() == "true"
     return frame

@@ -1,12 +1,12 @@
 rule convert_model:
     output:
         directory("data/models/{model}"),
-    params:
-        gguf=gguf_source,
     log:
         "logs/convert_model/{model}.log",
     conda:
         "../envs/llm.yaml"
+    params:
+        gguf=gguf_source,
     script:
         "../scripts/convert_model.py"
 
@@ -19,12 +19,12 @@ rule inspect_model:
         finetuned_prompt=PROMPT_FILES["finetuned"],
     output:
         "results/inspect/{model}.md",
-    params:
-        location=model_location,
-        entry=model_params,
     log:
         "logs/inspect/{model}.log",
     conda:
         "../envs/llm.yaml"
+    params:
+        location=model_location,
+        entry=model_params,
     script:
         "../scripts/inspect_model.py"

@@ -4,19 +4,19 @@ rule predict:
     output:
         tsv="results/predictions/{model}/{strategy}.tsv",
         json="results/predictions/{model}/{strategy}.json",
-    params:
-        location=model_location,
-        entry=model_params,
-        settings=predict_settings,
     log:
         "logs/predict/{model}/{strategy}.log",
     benchmark:
         "results/benchmarks/predict/{model}/{strategy}.tsv"
-    threads: workflow.cores
-    resources:
-        gpu=1,
     conda:
         "../envs/llm.yaml"
+    threads: workflow.cores or 1
+    resources:
+        gpu=1,
+    params:
+        location=model_location,
+        entry=model_params,
+        settings=predict_settings,
     script:
         "../scripts/predict.py"
 
@@ -28,13 +28,13 @@ rule baseline:
     output:
         tsv="results/predictions/baseline/baseline_tfidf.tsv",
         json="results/predictions/baseline/baseline_tfidf.json",
-    params:
-        seed=config["sample_seed"],
     log:
         "logs/predict/baseline/baseline_tfidf.log",
     benchmark:
         "results/benchmarks/predict/baseline/baseline_tfidf.tsv"
     conda:
         "../envs/llm.yaml"
+    params:
+        seed=config["sample_seed"],
     script:
         "../scripts/baseline.py"
