@@ -9,8 +9,10 @@ DATA ?=
 # make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128 installs a CUDA build of torch.
 TORCH_INDEX ?=
 SNAKEMAKE_ARGS ?=
+# make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
+UI_PORT ?= 5000
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint ui clean
 
 setup: $(STAMP)
 
@@ -36,6 +38,19 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
+
+# The MLflow UI on this machine's results (results/mlflow.db, artefacts in results/mlartifacts),
+# or on the store named by MLFLOW_TRACKING_URI; a tracking server has its own UI.
+ui: setup
+	@uri="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/results/mlflow.db}"; \
+	case "$$uri" in \
+	  http://*|https://*|databricks*) echo "MLFLOW_TRACKING_URI is a tracking server: open $$uri"; exit 0;; \
+	esac; \
+	mkdir -p results/mlartifacts; \
+	echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"; \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
+	  exec $(BIN)/mlflow server --host 127.0.0.1 --port $(UI_PORT) --workers 1 \
+	  --backend-store-uri "$$uri" --artifacts-destination "$(CURDIR)/results/mlartifacts"
 
 clean:
 	rm -rf .snakemake data results logs

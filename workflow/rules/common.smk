@@ -142,4 +142,64 @@ def gguf_source(wildcards):
 
 def all_outputs():
     """Everything `snakemake` builds by default."""
-    return data_outputs() + prediction_outputs() + inspect_outputs()
+    return data_outputs() + prediction_outputs() + inspect_outputs() + aggregate_outputs()
+
+
+def aggregate_model_pattern():
+    """Models the aggregation rules accept: the catalogue's and the baseline."""
+    return "|".join(re.escape(name) for name in [*config["model_catalogue"], BASELINE_MODEL])
+
+
+def aggregate_strategy_pattern():
+    """Strategies the aggregation rules accept: all of them, the baseline's included."""
+    return "|".join(re.escape(name) for name in STRATEGIES)
+
+
+def metrics_outputs():
+    return [f"results/metrics/{model}/{strategy}.json" for model, strategy in prediction_pairs()]
+
+
+def figure_outputs():
+    return [
+        f"results/figures/confusion_{model}_{strategy}.png"
+        for model, strategy in prediction_pairs()
+    ]
+
+
+def table_models(wildcards):
+    """The order of the models in the results table: as configured, the baseline last."""
+    return [*config["models"], BASELINE_MODEL]
+
+
+def sample_settings(wildcards):
+    """The evaluation sample's settings (part of each MLflow run's key)."""
+    return {
+        "size": config["sample_size"],
+        "scheme": config["sample_scheme"],
+        "seed": config["sample_seed"],
+    }
+
+
+def tracked_pairs(wildcards):
+    """(model, strategy) of each run, in the order of the track rule's input lists."""
+    return [[model, strategy] for model, strategy in prediction_pairs()]
+
+
+def track_inputs(wildcards):
+    pairs = prediction_pairs()
+    return {
+        "predictions": [f"results/predictions/{m}/{s}.tsv" for m, s in pairs],
+        "metadata": [f"results/predictions/{m}/{s}.json" for m, s in pairs],
+        "metrics": metrics_outputs(),
+        "figures": figure_outputs(),
+    }
+
+
+def aggregate_outputs():
+    return [
+        "results/results_table.md",
+        "results/results_table.csv",
+        *metrics_outputs(),
+        *figure_outputs(),
+        "results/mlflow_runs.tsv",
+    ]

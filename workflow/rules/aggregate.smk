@@ -1,0 +1,65 @@
+rule metrics:
+    input:
+        tsv="results/predictions/{model}/{strategy}.tsv",
+        json="results/predictions/{model}/{strategy}.json",
+    output:
+        metrics="results/metrics/{model}/{strategy}.json",
+        figure=report(
+            "results/figures/confusion_{model}_{strategy}.png",
+            caption="../report/confusion.rst",
+            category="Confusion matrices",
+            subcategory="{model}",
+            labels={"model": "{model}", "strategy": "{strategy}"},
+        ),
+    log:
+        "logs/metrics/{model}/{strategy}.log",
+    wildcard_constraints:
+        model=aggregate_model_pattern(),
+        strategy=aggregate_strategy_pattern(),
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../scripts/metrics.py"
+
+
+rule results_table:
+    input:
+        metrics=metrics_outputs(),
+    output:
+        md=report(
+            "results/results_table.md",
+            caption="../report/results_table_md.rst",
+            category="Results",
+            labels={"table": "results (Markdown)"},
+        ),
+        csv=report(
+            "results/results_table.csv",
+            caption="../report/results_table.rst",
+            category="Results",
+            labels={"table": "results (CSV)"},
+        ),
+    log:
+        "logs/results_table/results_table.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        models=table_models,
+    script:
+        "../scripts/results_table.py"
+
+
+rule track:
+    input:
+        unpack(track_inputs),
+    output:
+        runs="results/mlflow_runs.tsv",
+    log:
+        "logs/track/track.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        pairs=tracked_pairs,
+        sample=sample_settings,
+        experiment=config["mlflow_experiment"],
+    script:
+        "../scripts/track.py"

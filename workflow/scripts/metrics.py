@@ -1,0 +1,28 @@
+"""Snakemake adapter: score one (model, strategy) run and draw its confusion matrices."""
+
+import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
+
+from emoprompt.logs import setup_logging
+from emoprompt.metrics import write_metrics
+from emoprompt.report import confusion_title, write_confusion_figure
+
+
+def main(snakemake) -> None:
+    setup_logging(snakemake.log[0])
+    metrics = write_metrics(
+        snakemake.input.tsv,
+        snakemake.input.json,
+        snakemake.output.metrics,
+        model=snakemake.wildcards.model,
+        strategy=snakemake.wildcards.strategy,
+    )
+    write_confusion_figure(
+        metrics["confusion"],
+        snakemake.output.figure,
+        labels=metrics["labels"],
+        title=confusion_title(metrics),
+    )
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake

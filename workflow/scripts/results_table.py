@@ -1,0 +1,23 @@
+"""Snakemake adapter: the results table (Markdown and CSV) from every run's metrics."""
+
+import logging
+
+import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
+
+from emoprompt.logs import setup_logging
+from emoprompt.report import write_results_table
+
+
+def main(snakemake) -> None:
+    setup_logging(snakemake.log[0])
+    table = write_results_table(
+        snakemake.input.metrics,
+        snakemake.output.md,
+        snakemake.output.csv,
+        model_order=snakemake.params.models,
+    )
+    logging.getLogger("results_table").info("results:\n%s", table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake

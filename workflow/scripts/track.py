@@ -1,0 +1,39 @@
+"""Snakemake adapter: log every (model, strategy) run to MLflow (the only MLflow writer)."""
+
+from pathlib import Path
+
+import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
+
+from emoprompt.logs import setup_logging
+from emoprompt.tracking import RunFiles, resolve_tracking_uri, track_runs, write_run_list
+
+
+def main(snakemake) -> None:
+    setup_logging(snakemake.log[0])
+    inputs = snakemake.input
+    runs = [
+        RunFiles(model, strategy, Path(tsv), Path(meta), Path(metrics), Path(figure))
+        for (model, strategy), tsv, meta, metrics, figure in zip(
+            snakemake.params.pairs,
+            inputs.predictions,
+            inputs.metadata,
+            inputs.metrics,
+            inputs.figures,
+            strict=True,
+        )
+    ]
+    results_dir = Path(snakemake.output.runs).parent
+    uri, artifact_location = resolve_tracking_uri(results_dir)
+    tracked = track_runs(
+        runs,
+        experiment=snakemake.params.experiment,
+        tracking_uri=uri,
+        sample=snakemake.params.sample,
+        artifact_location=artifact_location,
+        workflow_dir=snakemake.scriptdir,
+    )
+    write_run_list(tracked, snakemake.output.runs)
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake
