@@ -13,7 +13,9 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/grid.smk"
 
 
 rule all:

@@ -28,7 +28,11 @@ def data_dir() -> Path:
 @pytest.fixture
 def workflow_dir(tmp_path: Path) -> Path:
     """A scratch copy of the workflow (Snakefile, config, rules, prompts) to run or edit."""
-    dest = tmp_path / "wf"
+    return copy_workflow(tmp_path / "wf")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the workflow (Snakefile, config, rules, prompts) into a new folder ``dest``."""
     dest.mkdir()
     for name in ("Snakefile", "config.yaml"):
         shutil.copy2(REPO / name, dest / name)

@@ -252,6 +252,28 @@ def test_label_logprobs_equal_the_plain_computation(tiny, normalize):
     assert engine.stats["label_tokens"] > 0
 
 
+def test_eager_attention_takes_the_same_masks(tiny_chatml):
+    """The label tree's 4D mask is additive, so eager attention works as sdpa does."""
+    _, tokenizer = tiny_chatml
+    model = random_llama(tokenizer, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    prompts = mixed_prompts(tokenizer)
+    engine = Engine(model, tokenizer, batch_size=4, progress=False)
+    assert engine._tree_labels
+    np.testing.assert_allclose(
+        engine.label_logprobs(prompts, LABELS),
+        naive_label_logprobs(model, tokenizer, prompts, LABELS, engine.end_of_turn_id),
+        atol=ATOL,
+        rtol=0,
+    )
+    np.testing.assert_allclose(
+        engine.first_token_probs(prompts, LABELS),
+        naive_first_token_probs(model, tokenizer, prompts, LABELS),
+        atol=ATOL,
+        rtol=0,
+    )
+
+
 def test_label_logprobs_end_token_choices(tiny_llama3):
     model, tokenizer = tiny_llama3
     engine = Engine(model, tokenizer, batch_size=4, progress=False)

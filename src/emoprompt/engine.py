@@ -27,7 +27,26 @@ prompt falls back to its full text (logged as a WARNING, counted in
 
 Labels are tokenised the way the tokenizer writes them *after the prompt*: the tokens
 of ``prompt + label`` that follow the prompt's tokens (so a leading-space variant is
-used exactly when the tokenizer would produce it).
+used exactly when the tokenizer would produce it). A prompt whose last token would
+merge with the label (e.g. one ending in a space) is refused.
+
+Besides the declared prefix, the tokens that all prompts of a group start with (the
+user-turn header, or the system prompt of prompts that fell back) are cached too.
+Batches are runs of the prompts sorted by length, split so as to minimise padded
+tokens plus a per-pass cost. Label likelihoods score all labels of a batch in one
+extra pass: the labels are laid side by side after each prompt, with a 4D attention
+mask that lets each label see only the prompt and itself (models with sliding-window
+layers or attention kernels without custom masks get one pass per label instead).
+
+Notes on transformers 5 (5.24): the cache argument and output field are ``cache``
+(``past_key_values`` is a deprecated alias until 5.40); a ``DynamicCache`` is a list
+of ``DynamicLayer`` objects holding ``keys``/``values`` that ``update`` replaces by
+concatenation (never writes in place), which is what lets a batch start from a
+broadcast view of the one-row prefix cache; a 4D ``attention_mask`` is passed to the
+attention function as is; ``logits_to_keep`` limits the LM head to the last positions.
+
+Prompts may be this module's :class:`PromptParts` or any object with ``prefix`` and
+``suffix`` strings.
 """
 
 from __future__ import annotations

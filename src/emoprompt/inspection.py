@@ -129,6 +129,10 @@ def write_inspection(
         prompt = load_prompt_file(prompt_path, "zero_shot")
         kwargs = entry.get("chat_template_kwargs") or {}
         text = render_chat(loaded.tokenizer, chat_messages(prompt, tweet), kwargs).text
+    if entry.get("adapter"):  # a fine-tuned model's own label set
+        from .finetune import adapter_prompt
+
+        prompt = adapter_prompt(prompt, entry["adapter"])
     labels = list(prompt.labels)
     engine = Engine(loaded.model, loaded.tokenizer, progress=False)
     label_tokens = engine.label_tokens(labels, text)

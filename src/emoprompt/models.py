@@ -258,6 +258,8 @@ def load_model(spec: dict[str, Any], path_or_id: str, device: str | None = None)
     ``revision``, ``trust_remote_code`` (must be false) and optionally ``name``.
     A hub token is read from ``HF_TOKEN`` or ``HUGGING_FACE_HUB_TOKEN``; it is
     passed to the hub and kept out of the result and the logs.
+    An entry with ``source: finetuned`` also names ``adapter`` (a peft folder):
+    ``path_or_id`` is then its base model, and the adapter is applied on top.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -319,12 +321,17 @@ def load_model(spec: dict[str, Any], path_or_id: str, device: str | None = None)
         raise ModelLoadError(
             f"could not load {path_or_id}: {type(exc).__name__}: {message}"
         ) from None
+    quantized = quantization == "nf4" and fallback is None
+    # --- fine-tuned entries (source: finetuned): the base plus a peft LoRA adapter ---
+    adapter = None
+    if spec.get("source") == "finetuned":
+        model, adapter = _apply_adapter(model, spec, merge=not quantized)
+    # --- end of fine-tuned entries ---
     model.eval()
     prepare_tokenizer(tokenizer)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    quantized = quantization == "nf4" and fallback is None
     info = {
         "name": spec.get("name", path_or_id),
         "source": path_or_id,
@@ -338,6 +345,8 @@ def load_model(spec: dict[str, Any], path_or_id: str, device: str | None = None)
         "parameters": int(model.num_parameters()),
         "load_seconds": round(time.perf_counter() - started, 2),
     }
+    if adapter is not None:
+        info["adapter"] = adapter
     log.info(
         "loaded %s on %s (%s, quantization %s, %d parameters) in %.1f s",
         info["name"],
@@ -348,3 +357,29 @@ def load_model(spec: dict[str, Any], path_or_id: str, device: str | None = None)
         info["load_seconds"],
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _apply_adapter(model: Any, spec: dict[str, Any], merge: bool) -> tuple[Any, dict[str, Any]]:
+    """Put the peft adapter of a ``source: finetuned`` entry on its loaded base model.
+
+    ``spec["adapter"]`` is the adapter folder (written by the finetune rule). The adapter
+    is merged into the weights (plain inference speed) unless the base is 4-bit.
+    """
+    from peft import PeftModel
+
+    folder = spec.get("adapter")
+    if not folder or not (Path(folder) / "adapter_config.json").is_file():
+        raise ModelLoadError(f"fine-tuned model: no peft adapter in {folder!r}")
+    try:
+        model = PeftModel.from_pretrained(model, folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the adapter {folder}: {exc}") from None
+    if merge:
+        model = model.merge_and_unload()
+    info: dict[str, Any] = {"path": str(folder), "merged": merge, "base": spec.get("base")}
+    record = Path(folder) / "training_config.json"
+    if record.is_file():
+        import json
+
+        info["fingerprint"] = json.loads(record.read_text(encoding="utf-8")).get("fingerprint")
+    return model, info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -64,6 +65,14 @@ def run_prediction(
     engine_settings = settings.get("engine") or {}
     threads = configure_threads(engine_settings.get("threads", "auto"), job_threads)
     prompt = load_prompt_file(prompt_path, strategy.family)
+    if settings.get("fewshot_seed") is not None and strategy.family == "few_shot":
+        # A study grid's few-shot seed replaces the prompt file's.
+        seed = int(settings["fewshot_seed"])
+        prompt = dataclasses.replace(prompt, settings={**prompt.settings, "seed": seed})
+    if entry.get("adapter"):  # a fine-tuned model answers with the labels it was trained on
+        from .finetune import adapter_prompt
+
+        prompt = adapter_prompt(prompt, entry["adapter"])
     train, sample = read_split(train_path), read_split(sample_path)
     loaded = load_model(dict(entry), location)
     device = loaded.info.get("device", "cpu")

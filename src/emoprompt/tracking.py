@@ -3,9 +3,10 @@
 This is the only module of the project that imports mlflow. Prediction jobs never log
 to MLflow; the workflow's single ``track`` job calls :func:`track_runs`, which is
 idempotent: every run carries a deterministic key (tag ``emoprompt.key``:
-``{model}/{strategy}/sample={size},{scheme},seed={seed}``), is looked up by it before
-anything is created, and is updated in place. Artefacts are logged under fixed names,
-so a second logging replaces them; metrics are logged only when their value changed.
+``{model}/{strategy}/sample={size},{scheme},seed={seed}``, with ``,fewshot_seed={seed}``
+for a study grid's few-shot runs), is looked up by it before anything is created, and
+is updated in place. Artefacts are logged under fixed names, so a second logging
+replaces them; metrics are logged only when their value changed.
 MLflow parameters cannot change once logged: when a parameter differs (another prompt,
 device, git commit...) the old run is tagged as superseded and soft-deleted, and a
 fresh run takes the key, so the experiment still holds one run per key.
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
-from .files import atomic_open
+from .files import atomic_open, sha256_file
 from .metrics import flat_metrics, read_metadata
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class RunFiles:
     metadata: Path  # the prediction job's metadata JSON
     metrics: Path  # the metrics JSON
     figure: Path  # the confusion matrix PNG
+    # A study grid's run: its own sample seed (and few-shot seed), over the shared settings.
+    sample: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,12 @@ def redact_uri(uri: str) -> str:
 
 
 def sample_label(sample: Mapping[str, Any]) -> str:
-    """The evaluation sample's settings in a key: ``sample=100,random,seed=0``."""
-    return f"sample={sample['size']},{sample['scheme']},seed={sample['seed']}"
+    """The evaluation sample's settings in a key: ``sample=100,random,seed=0``; a grid's
+    few-shot run adds its few-shot seed: ``sample=100,random,seed=0,fewshot_seed=1``."""
+    label = f"sample={sample['size']},{sample['scheme']},seed={sample['seed']}"
+    if sample.get("fewshot_seed") is not None:
+        label += f",fewshot_seed={sample['fewshot_seed']}"
+    return label
 
 
 def run_key(model: str, strategy: str, sample: Mapping[str, Any]) -> str:
@@ -246,13 +253,15 @@ def track_run(
     files: RunFiles,
     sample: Mapping[str, Any],
     commit: str,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> TrackedRun:
     """Create or update the run of one (model, strategy); see the module's docstring."""
+    sample = {**sample, **(files.sample or {})}
     metadata = read_metadata(files.metadata)
     metrics = flat_metrics(read_metadata(files.metrics))
     key = run_key(files.model, files.strategy, sample)
     params = run_params(files.model, files.strategy, metadata, sample, commit)
-    tags = run_tags(files.model, files.strategy, key, metadata, commit)
+    tags = {**run_tags(files.model, files.strategy, key, metadata, commit), **(extra_tags or {})}
     name = f"{files.model} · {files.strategy}"
 
     found = find_runs(client, experiment_id, key)
@@ -314,18 +323,116 @@ def track_runs(
     sample: Mapping[str, Any],
     artifact_location: str | None = None,
     workflow_dir: str | os.PathLike[str] | None = None,
+    trainings: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> list[TrackedRun]:
     """Log every (model, strategy) run to MLflow; safe to call again (see module docstring).
 
     ``sample``: the evaluation sample's ``size``, ``scheme`` and ``seed``.
     ``artifact_location``: where a newly created experiment keeps its artefacts.
     ``workflow_dir``: a folder of the workflow, for the git commit ("unknown" if None).
+    ``trainings``: fine-tuned model -> its adapter folder; each training gets a run of
+    its own, and the evaluation runs of that model are tagged with its run id.
     """
     commit = git_commit(workflow_dir) if workflow_dir is not None else "unknown"
     client = MlflowClient(tracking_uri=tracking_uri)
     log.info("MLflow tracking URI %s, experiment %r", redact_uri(tracking_uri), experiment)
     experiment_id = get_experiment_id(client, experiment, artifact_location)
-    return [track_run(client, experiment_id, files, sample, commit) for files in runs]
+    trained = [
+        track_training(client, experiment_id, model, Path(folder), commit)
+        for model, folder in (trainings or {}).items()
+    ]
+    training_of = {run.model: run.run_id for run in trained}
+    return trained + [
+        track_run(
+            client, experiment_id, files, sample, commit,
+            {TRAINING_RUN_TAG: training_of[files.model]} if files.model in training_of else None,
+        )
+        for files in runs
+    ]
+
+
+# --- fine-tuning runs: one per trained adapter, linked from its evaluation runs ---
+TRAINING_RUN_TAG = "emoprompt.training_run_id"
+TRAINING_STRATEGY = "finetune"
+
+
+def training_params(model: str, record: Mapping[str, Any], adapter_sha256: str,
+                    commit: str) -> dict[str, str]:
+    """What defines a training run, as MLflow parameters (strings)."""
+    params: dict[str, Any] = {
+        "model": model,
+        "base_model": record.get("base_model"),
+        "base_location": record.get("base_location"),
+        "prompt_format": record.get("prompt_format"),
+        "labels": ",".join(record.get("labels") or []),
+        "train_file": record.get("train_file"),
+        "train_tweets": record.get("train_tweets"),
+        "train_ids_sha256": record.get("train_ids_sha256"),
+        "device": record.get("device"),
+        "quantization": record.get("quantization"),
+        "trainable_parameters": record.get("trainable_parameters"),
+        "adapter_sha256": adapter_sha256,
+        "git_commit": commit,
+    }
+    for name, value in (record.get("settings") or {}).items():
+        if name not in ("checkpoint_minutes", "checkpoint_steps", "threads"):
+            params[f"ft_{name}"] = value
+    return {name: _text(value)[:6000] for name, value in params.items()}
+
+
+def track_training(client: MlflowClient, experiment_id: str, model: str, adapter: Path,
+                   commit: str) -> TrackedRun:
+    """Create (or find) the run of one fine-tuning: its settings as parameters, the loss
+    per step as the metric history ``train_loss``, and the adapter folder as artefacts.
+    A retrained adapter (another sha256) replaces the run, as changed parameters do."""
+    record = json.loads((adapter / "training_config.json").read_text(encoding="utf-8"))
+    key = f"{model}/{TRAINING_STRATEGY}"
+    weights = adapter / "adapter_model.safetensors"
+    params = training_params(model, record, sha256_file(weights), commit)
+    tags = {KEY_TAG: key, "emoprompt.model": model, "emoprompt.strategy": TRAINING_STRATEGY,
+            "mlflow.source.git.commit": commit}
+    tags.update({f"version.{k}": str(v) for k, v in (record.get("versions") or {}).items()})
+    found = find_runs(client, experiment_id, key)
+    for extra in found[1:]:
+        client.delete_run(extra.info.run_id)
+    run = found[0] if found else None
+    if run is not None and not _params_conflict(run.data.params, params):
+        log.info("%s: training run %s is up to date", key, run.info.run_id)
+        return TrackedRun(key, model, TRAINING_STRATEGY, run.info.run_id, experiment_id,
+                          "updated")
+    new = client.create_run(experiment_id, tags=tags, run_name=f"{model} · fine-tuning")
+    run_id = new.info.run_id
+    action = "created"
+    if run is not None:
+        client.set_tag(run.info.run_id, SUPERSEDED_TAG, run_id)
+        client.delete_run(run.info.run_id)
+        action = "replaced"
+    try:
+        now = int(time.time() * 1000)
+        history = []
+        with open(adapter / "loss.tsv", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle, delimiter="\t"):
+                step = int(row["step"])
+                history.append(Metric("train_loss", float(row["loss"]), now, step))
+                history.append(Metric("learning_rate", float(row["lr"]), now, step))
+        summary = {"final_loss": record.get("final_loss"), "train_seconds": record.get("seconds"),
+                   "steps": record.get("steps"), "train_tweets": record.get("train_tweets")}
+        history += [Metric(k, float(v), now, 0) for k, v in summary.items() if v is not None]
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], tags=[])
+        for start in range(0, len(history), 900):  # MLflow takes at most 1000 per batch
+            client.log_batch(run_id, metrics=history[start : start + 900])
+        for path in sorted(adapter.iterdir()):  # not Snakemake's hidden timestamp file
+            if path.is_file() and not path.name.startswith("."):
+                client.log_artifact(run_id, str(path), "adapter")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("%s: %s training run %s", key, action, run_id)
+    return TrackedRun(key, model, TRAINING_STRATEGY, run_id, experiment_id, action)
+
+
+# --- end of fine-tuning runs ---
 
 
 def write_run_list(tracked: Sequence[TrackedRun], path: str | os.PathLike[str]) -> None:

@@ -59,6 +59,7 @@ rule track:
         "../envs/report.yaml"
     params:
         pairs=tracked_pairs,
+        trained=trained_adapter_models,
         sample=sample_settings,
         experiment=config["mlflow_experiment"],
     script:

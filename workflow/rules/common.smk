@@ -12,6 +12,7 @@ if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
 from emoprompt.download import source_kind  # noqa: E402
+from emoprompt.prompts import load_prompt_file  # noqa: E402
 from emoprompt.strategies import BASELINE_MODEL, STRATEGIES, strategies_for  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
@@ -69,8 +70,81 @@ def model_entry(name):
     return config["model_catalogue"][name]
 
 
+# --- fine-tuned models (source: finetuned): a base catalogue entry plus a LoRA adapter ---
+def is_finetuned(name):
+    return model_entry(name)["source"] == "finetuned"
+
+
+def adapter_folder(name):
+    """The adapter of a fine-tuned entry (default: what rule finetune writes for its base)."""
+    entry = model_entry(name)
+    return entry.get("adapter") or f"data/models/{entry['base']}-ft"
+
+
+def load_entry(name):
+    """The entry load_model gets: a fine-tuned model loads as its base (dtype, quantization)
+    with its adapter on top, and has its own prompt format."""
+    entry = model_entry(name)
+    if not is_finetuned(name):
+        return entry
+    own = {key: entry[key] for key in ("source", "base", "prompt_format")}
+    return {**model_entry(entry["base"]), **own, "adapter": adapter_folder(name)}
+
+
+for _name, _entry in config["model_catalogue"].items():
+    if _entry["source"] == "finetuned":
+        _base = _entry.get("base")
+        if _base not in config["model_catalogue"] or is_finetuned(_base):
+            raise WorkflowError(
+                f"model_catalogue: {_name} is fine-tuned from {_base!r}, which must be a "
+                "catalogue entry that is not itself fine-tuned"
+            )
+
+
+def trainable_model_pattern():
+    """Models that can be fine-tuned (catalogue entries that are not fine-tuned ones)."""
+    names = [n for n in config["model_catalogue"] if not is_finetuned(n)]
+    return "|".join(re.escape(n) for n in names) or "^$"
+
+
+def embedded_model_pattern():
+    """Models that convert_model converts (so that it never claims an adapter folder)."""
+    names = [n for n, e in config["model_catalogue"].items() if e["source"] == "embedded"]
+    return "|".join(re.escape(n) for n in names) or "^$"
+
+
+def finetune_inputs(wildcards):
+    return {
+        "train": "data/processed/train.tsv",
+        "sample": "data/processed/test_sample.tsv",
+        "finetuned_prompt": PROMPT_FILES["finetuned"],
+        "zero_shot_prompt": PROMPT_FILES["zero_shot"],
+        "model": model_files(wildcards),
+    }
+
+
+def finetune_settings(wildcards):
+    return config["finetune"]
+
+
+def trained_adapters():
+    """Adapter folder of each fine-tuned model in `models` (for the track rule)."""
+    return {m: adapter_folder(m) for m in config["models"] if is_finetuned(m)}
+
+
+def trained_adapter_list(wildcards):
+    return list(trained_adapters().values())
+
+
+def trained_adapter_models(wildcards):
+    return list(trained_adapters())
+
+
+# --- end of fine-tuned models ---
+
+
 def model_params(wildcards):
-    return model_entry(wildcards.model)
+    return load_entry(wildcards.model)
 
 
 def prediction_pairs():
@@ -97,19 +171,33 @@ def inspect_outputs():
 
 
 def model_location(wildcards):
-    """Where the model is loaded from: the converted folder, a local folder or a hub id."""
-    entry = model_entry(wildcards.model)
+    return location_of(wildcards.model)
+
+
+def location_of(name):
+    """Where a model is loaded from: the converted folder, a local folder or a hub id
+    (for a fine-tuned model: its base's)."""
+    entry = model_entry(name)
+    if entry["source"] == "finetuned":
+        return location_of(entry["base"])
     if entry["source"] == "embedded":
-        return f"data/models/{wildcards.model}"
+        return f"data/models/{name}"
     if entry["source"] == "local":
         return entry["path"]
     return entry["hub_id"]
 
 
 def model_files(wildcards):
-    """The model as an input file, where it is one (hub models are fetched by the job)."""
-    entry = model_entry(wildcards.model)
-    return [] if entry["source"] == "hub" else [model_location(wildcards)]
+    return files_of(wildcards.model)
+
+
+def files_of(name):
+    """The model as an input file, where it is one (hub models are fetched by the job);
+    a fine-tuned model's are its base's and its adapter folder (trained first)."""
+    entry = model_entry(name)
+    if entry["source"] == "finetuned":
+        return [*files_of(entry["base"]), adapter_folder(name)]
+    return [] if entry["source"] == "hub" else [location_of(name)]
 
 
 def predict_inputs(wildcards):
@@ -141,7 +229,9 @@ def gguf_source(wildcards):
 
 
 def all_outputs():
-    """Everything `snakemake` builds by default."""
+    """Everything `snakemake` builds by default (a study grid's outputs when one is set)."""
+    if grid_enabled():
+        return data_outputs() + inspect_outputs() + grid_outputs()
     return data_outputs() + prediction_outputs() + inspect_outputs() + aggregate_outputs()
 
 
@@ -192,6 +282,7 @@ def track_inputs(wildcards):
         "metadata": [f"results/predictions/{m}/{s}.json" for m, s in pairs],
         "metrics": metrics_outputs(),
         "figures": figure_outputs(),
+        "adapters": trained_adapter_list(wildcards),
     }
 
 
@@ -203,3 +294,108 @@ def aggregate_outputs():
         *figure_outputs(),
         "results/mlflow_runs.tsv",
     ]
+
+
+# --- threads and study grids (sample_seeds x fewshot_seeds) ---
+def all_cores():
+    """Threads of the heavy jobs: every core given with --cores; 1 where none are given
+    (a cluster run, where the profile's set-threads decides)."""
+    return workflow.resource_settings.cores or 1
+
+
+GRID_RUN = "results/grid/sample_seed={sample_seed}/fewshot_seed={fewshot_seed}"
+GRID_SAMPLE = "data/processed/sample_seed={sample_seed}/test_sample.tsv"
+NO_SHOTS = "none"  # the few-shot seed of a run that has no shots
+
+
+def grid_enabled():
+    return config["sample_seeds"] is not None or config["fewshot_seeds"] is not None
+
+
+def grid_sample_seeds():
+    return [int(seed) for seed in config["sample_seeds"] or [config["sample_seed"]]]
+
+
+def grid_fewshot_seeds():
+    """The few-shot seeds of the grid (default: the seed of the few-shot prompt file)."""
+    if config["fewshot_seeds"] is not None:
+        return [int(seed) for seed in config["fewshot_seeds"]]
+    return [load_prompt_file(PROMPT_FILES["few_shot"], "few_shot").settings.get("seed", 0)]
+
+
+def grid_runs():
+    """(model, strategy, sample seed, few-shot seed) of every run of the grid; a strategy
+    without shots runs once per sample seed, with the few-shot seed NO_SHOTS."""
+    runs = []
+    for model, strategy in prediction_pairs():
+        shots = STRATEGIES[strategy].family == "few_shot"
+        for sample_seed in grid_sample_seeds():
+            for fewshot_seed in grid_fewshot_seeds() if shots else [NO_SHOTS]:
+                runs.append((model, strategy, sample_seed, fewshot_seed))
+    return runs
+
+
+def grid_files(kind, name):
+    """One path per grid run: kind "predictions", "metrics" or "figures"; name a pattern
+    of model and strategy, e.g. "{model}/{strategy}.tsv"."""
+    paths = []
+    for model, strategy, sample_seed, fewshot_seed in grid_runs():
+        folder = GRID_RUN.format(sample_seed=sample_seed, fewshot_seed=fewshot_seed)
+        paths.append(f"{folder}/{kind}/{name.format(model=model, strategy=strategy)}")
+    return paths
+
+
+def grid_sample_seed(wildcards):
+    return int(wildcards.sample_seed)
+
+
+def grid_predict_inputs(wildcards):
+    return {**predict_inputs(wildcards), "sample": GRID_SAMPLE.format(**wildcards)}
+
+
+def grid_predict_settings(wildcards):
+    settings = predict_settings(wildcards)
+    if wildcards.fewshot_seed != NO_SHOTS:
+        settings = {**settings, "fewshot_seed": int(wildcards.fewshot_seed)}
+    return settings
+
+
+def grid_metrics_outputs():
+    return grid_files("metrics", "{model}/{strategy}.json")
+
+
+def grid_tracked_pairs(wildcards):
+    return [[model, strategy] for model, strategy, _, _ in grid_runs()]
+
+
+def grid_tracked_samples(wildcards):
+    """Each grid run's own seeds (part of its MLflow run's key)."""
+    return [
+        {"seed": s} if f == NO_SHOTS else {"seed": s, "fewshot_seed": f}
+        for _, _, s, f in grid_runs()
+    ]
+
+
+def grid_track_inputs(wildcards):
+    return {
+        "predictions": grid_files("predictions", "{model}/{strategy}.tsv"),
+        "metadata": grid_files("predictions", "{model}/{strategy}.json"),
+        "metrics": grid_metrics_outputs(),
+        "figures": grid_files("figures", "confusion_{model}_{strategy}.png"),
+        "adapters": trained_adapter_list(wildcards),
+    }
+
+
+def grid_outputs():
+    return [
+        *grid_files("predictions", "{model}/{strategy}.tsv"),
+        *grid_files("predictions", "{model}/{strategy}.json"),
+        *grid_metrics_outputs(),
+        *grid_files("figures", "confusion_{model}_{strategy}.png"),
+        "results/grid_table.md",
+        "results/grid_table.csv",
+        "results/figures/strategies_by_model.png",
+        "results/grid/mlflow_runs.tsv",
+    ]
+
+# --- end of threads and study grids ---

@@ -3,6 +3,8 @@ rule convert_model:
         directory("data/models/{model}"),
     log:
         "logs/convert_model/{model}.log",
+    wildcard_constraints:
+        model=embedded_model_pattern(),
     conda:
         "../envs/llm.yaml"
     params:

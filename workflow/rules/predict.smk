@@ -10,7 +10,7 @@ rule predict:
         "results/benchmarks/predict/{model}/{strategy}.tsv"
     conda:
         "../envs/llm.yaml"
-    threads: workflow.cores or 1
+    threads: all_cores()
     resources:
         gpu=1,
     params:

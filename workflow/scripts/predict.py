@@ -2,25 +2,27 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
+from emoprompt.devices import job_gpu
 from emoprompt.logs import setup_logging
 from emoprompt.predict import run_prediction
 
 
 def main(snakemake) -> None:
     setup_logging(snakemake.log[0])
-    run_prediction(
-        model_name=snakemake.wildcards.model,
-        entry=snakemake.params.entry,
-        location=snakemake.params.location,
-        strategy_name=snakemake.wildcards.strategy,
-        prompt_path=snakemake.input.prompt,
-        train_path=snakemake.input.train,
-        sample_path=snakemake.input.sample,
-        settings=snakemake.params.settings,
-        job_threads=snakemake.threads,
-        tsv_out=snakemake.output.tsv,
-        json_out=snakemake.output.json,
-    )
+    with job_gpu(snakemake.resources):  # local-gpus profile: one device per job
+        run_prediction(
+            model_name=snakemake.wildcards.model,
+            entry=snakemake.params.entry,
+            location=snakemake.params.location,
+            strategy_name=snakemake.wildcards.strategy,
+            prompt_path=snakemake.input.prompt,
+            train_path=snakemake.input.train,
+            sample_path=snakemake.input.sample,
+            settings=snakemake.params.settings,
+            job_threads=snakemake.threads,
+            tsv_out=snakemake.output.tsv,
+            json_out=snakemake.output.json,
+        )
 
 
 if __name__ == "__main__":

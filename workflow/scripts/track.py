@@ -11,14 +11,18 @@ from emoprompt.tracking import RunFiles, resolve_tracking_uri, track_runs, write
 def main(snakemake) -> None:
     setup_logging(snakemake.log[0])
     inputs = snakemake.input
+    pairs = snakemake.params.pairs
+    # A study grid's runs each have their own seeds (params.samples); other runs share them.
+    samples = snakemake.params.get("samples") or [None] * len(pairs)
     runs = [
-        RunFiles(model, strategy, Path(tsv), Path(meta), Path(metrics), Path(figure))
-        for (model, strategy), tsv, meta, metrics, figure in zip(
-            snakemake.params.pairs,
+        RunFiles(model, strategy, Path(tsv), Path(meta), Path(metrics), Path(figure), own)
+        for (model, strategy), tsv, meta, metrics, figure, own in zip(
+            pairs,
             inputs.predictions,
             inputs.metadata,
             inputs.metrics,
             inputs.figures,
+            samples,
             strict=True,
         )
     ]
@@ -31,6 +35,7 @@ def main(snakemake) -> None:
         sample=snakemake.params.sample,
         artifact_location=artifact_location,
         workflow_dir=snakemake.scriptdir,
+        trainings=dict(zip(snakemake.params.trained, inputs.adapters, strict=True)),
     )
     write_run_list(tracked, snakemake.output.runs)
 

@@ -1,0 +1,310 @@
+"""Fine-tuning: training data, loss mask, and a killed training that resumes.
+
+Runs on the tiny random Llama (Meta's real Llama 3 tokenizer) and on SmolLM2's real
+tokenizer, on CPU, in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from emoprompt.data import read_split, write_split
+from emoprompt.engine import Engine
+from emoprompt.finetune import (
+    IGNORE,
+    TRAIN_IDS_FILE,
+    TRAINING_CONFIG,
+    FinetuneSettings,
+    PromptSpec,
+    adapter_prompt,
+    answer_for_class,
+    build_examples,
+    checkpoint_steps,
+    class_weights,
+    collate,
+    label_scheme,
+    plan_batches,
+    select_training_set,
+)
+from emoprompt.labels import LABELS
+from emoprompt.models import load_model
+from emoprompt.prompts import load_prompt_file, render_plain
+from emoprompt.strategies import STRATEGIES, Settings, run_llm_strategy
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNED_PROMPT = REPO / "prompts" / "finetuned.yaml"
+ZERO_SHOT_PROMPT = REPO / "prompts" / "zero_shot.yaml"
+CPU = {"dtype": "float32", "quantization": "none", "allow_fallback": False}
+
+
+def synthetic_split(n: int = 140, seed: int = 0) -> pd.DataFrame:
+    """A split with the real data's imbalance (many Otras, few Miedo) and short tweets."""
+    rng = np.random.default_rng(seed)
+    shares = [0.2, 0.12, 0.03, 0.1, 0.03, 0.05, 0.47]
+    labels = rng.choice(LABELS, size=n, p=shares)
+    words = ["hoy", "qué", "día", "gol", "miedo", "asco", "vaya", "final", "lluvia", "#Notre"]
+    return pd.DataFrame({
+        "id": [f"t{i:04d}" for i in range(n)],
+        "event": "X",
+        "tweet": [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(n)],
+        "offensive": "NO",
+        "label": labels,
+    })
+
+
+# ------------------------------------------------------------------ the training data
+def test_training_set_never_holds_an_evaluation_id_and_is_stratified_and_seeded():
+    train = synthetic_split(400)
+    sample_ids = train["id"].iloc[::7].tolist()  # as if the sample overlapped the split
+    chosen = select_training_set(train, exclude_ids=sample_ids, size=120, seed=3)
+    assert len(chosen) == 120
+    assert not set(chosen["id"]) & set(sample_ids)
+    pool = train[~train["id"].isin(sample_ids)]
+    expected = pool["label"].value_counts(normalize=True) * 120
+    got = chosen["label"].value_counts().reindex(expected.index, fill_value=0)
+    assert (abs(got - expected) < 1).all()  # proportional, to the tweet
+    again = select_training_set(train, exclude_ids=sample_ids, size=120, seed=3)
+    assert chosen["id"].tolist() == again["id"].tolist()
+    other = select_training_set(train, exclude_ids=sample_ids, size=120, seed=4)
+    assert chosen["id"].tolist() != other["id"].tolist()
+    whole = select_training_set(train, exclude_ids=sample_ids)
+    assert len(whole) == len(pool) and not set(whole["id"]) & set(sample_ids)
+
+
+def test_balanced_subset_takes_small_classes_whole_and_shares_the_rest():
+    train = synthetic_split(400)
+    counts = train["label"].value_counts()
+    chosen = select_training_set(train, size=140, subset="balanced", seed=0)
+    got = chosen["label"].value_counts()
+    assert len(chosen) == 140
+    partial = [label for label in counts.index if got[label] < counts[label]]
+    assert partial  # 140 cannot take everything: the big classes are capped ...
+    assert max(got[p] for p in partial) - min(got[p] for p in partial) <= 1  # ... evenly
+    for label in set(counts.index) - set(partial):  # ... and the small ones come whole
+        assert got[label] == counts[label] <= min(got[p] for p in partial)
+
+
+def test_class_weights_average_one_and_favour_rare_classes():
+    labels = ["Otras"] * 80 + ["Miedo"] * 5 + ["Ira"] * 15
+    for scheme in ("sqrt", "balanced"):
+        weights = class_weights(labels, scheme)
+        assert np.isclose(np.mean([weights[c] for c in labels]), 1.0)
+        assert weights["Miedo"] > weights["Ira"] > weights["Otras"]
+    assert set(class_weights(labels, "none").values()) == {1.0}
+
+
+def test_notebook_label_set_trains_neutral_for_otras_and_skips_desagrado():
+    labels, label_map = label_scheme("notebook", load_prompt_file(FINETUNED_PROMPT, "finetuned"))
+    answers = answer_for_class(labels, label_map)
+    assert answers["Otras"] == "Neutral" and "Desagrado" not in answers
+    chosen = select_training_set(synthetic_split(), classes=list(answers))
+    assert "Desagrado" not in set(chosen["label"])
+
+
+# ------------------------------------------------------------------ the loss mask
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_loss_mask_covers_exactly_the_answer_and_end_token(fmt, llama3_tokenizer, smollm2):
+    for tokenizer in (llama3_tokenizer, smollm2[1]):
+        if fmt == "plain":
+            spec = PromptSpec("plain", load_prompt_file(FINETUNED_PROMPT, "finetuned"))
+        else:
+            spec = PromptSpec("chat", load_prompt_file(ZERO_SHOT_PROMPT, "zero_shot"))
+        frame = synthetic_split(30)
+        answers = {label: label for label in LABELS}
+        examples = build_examples(frame, tokenizer, spec, answers, max_length=512)
+        for example, row in zip(examples, frame.itertuples(), strict=True):
+            masked = [i for i, t in enumerate(example.labels) if t != IGNORE]
+            n = len(masked)
+            # the answer is the last n tokens, contiguous, and the loss sees nothing else
+            assert masked == list(range(len(example.input_ids) - n, len(example.input_ids)))
+            assert example.labels[-n:] == example.input_ids[-n:]
+            prompt = spec.text(tokenizer, row.tweet)
+            answer_text = tokenizer.decode(example.input_ids[-n:-1])
+            assert answer_text == row.label
+            end = tokenizer.convert_ids_to_tokens(example.input_ids[-1])
+            assert end in ("<|eot_id|>", "<|im_end|>")
+            # the prompt part is the prompt exactly as the engine would encode it
+            head = tokenizer.decode(example.input_ids[: len(example.input_ids) - n],
+                                    skip_special_tokens=False)
+            assert head.endswith(prompt) or head == prompt
+        batch = collate(examples[:4], tokenizer.pad_token_id)
+        assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_long_tweets_are_shortened_but_their_answer_kept(smollm2):
+    tokenizer = smollm2[1]
+    spec = PromptSpec("plain", load_prompt_file(FINETUNED_PROMPT, "finetuned"))
+    frame = synthetic_split(5).assign(tweet="palabra " * 200, label="Miedo")
+    examples = build_examples(frame, tokenizer, spec, {"Miedo": "Miedo"}, max_length=48)
+    for example in examples:
+        assert example.truncated and len(example.input_ids) <= 48
+        n = sum(t != IGNORE for t in example.labels)
+        assert tokenizer.decode(example.input_ids[-n:-1]) == "Miedo"
+        assert tokenizer.decode(example.input_ids[:-n]).endswith("### Emoción:\n")
+
+
+def test_batch_plan_is_deterministic_and_covers_each_epoch():
+    plan = plan_batches(10, 4, 2, seed=1)
+    assert plan == plan_batches(10, 4, 2, seed=1)
+    flat = [i for batch in plan for i in batch]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert len([i for b in plan_batches(10, 4, 1.5, seed=1) for i in b]) == 15
+    lengths = [int(x) for x in np.random.default_rng(0).integers(10, 100, size=64)]
+    grouped = plan_batches(64, 4, 1, seed=1, lengths=lengths, group=16)
+    assert sorted(i for b in grouped for i in b) == list(range(64))
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in grouped])
+    plain = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b)
+                     for b in plan_batches(64, 4, 1, seed=1)])
+    assert spread < plain / 3  # similar lengths together: little padding
+
+
+# ------------------------------------------------------------------ kill and resume
+def _job(tmp_path: Path, tiny_llama_dir: Path, **settings) -> Path:
+    train = synthetic_split(160)
+    sample = train.iloc[:20]
+    write_split(train, tmp_path / "train.tsv")
+    write_split(sample, tmp_path / "sample.tsv")
+    job = {
+        "model_name": "tiny",
+        "entry": {"source": "local", "path": str(tiny_llama_dir), "prompt_format": "chat"},
+        "location": str(tiny_llama_dir),
+        "train_path": str(tmp_path / "train.tsv"),
+        "sample_path": str(tmp_path / "sample.tsv"),
+        "finetuned_prompt_path": str(FINETUNED_PROMPT),
+        "zero_shot_prompt_path": str(ZERO_SHOT_PROMPT),
+        "settings": {
+            "train_size": "all", "epochs": 12, "batch_size": 4, "max_length": 48,
+            "class_weights": "sqrt", "checkpoint_steps": 5, "learning_rate": 5e-3,
+            **settings,
+        },
+        "out_dir": str(tmp_path / "tiny-ft"),
+        "figure_path": str(tmp_path / "figures" / "finetune_loss_tiny.png"),
+        "threads": 1,
+        "device": "cpu",
+    }
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job), encoding="utf-8")
+    return path
+
+
+def _start(job: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "emoprompt.finetune", str(job), "--log", str(log)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir):
+    job = _job(tmp_path, tiny_llama_dir)
+    checkpoints = tmp_path / "tiny-ft.checkpoints"
+    first = _start(job, tmp_path / "first.log")
+    deadline = time.monotonic() + 60
+    while not checkpoint_steps(checkpoints) and time.monotonic() < deadline:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done = checkpoint_steps(checkpoints)
+    assert done, "no checkpoint appeared"
+    assert not (tmp_path / "tiny-ft").exists()  # killed: no adapter, nothing half-written
+    resumed_at = done[-1]
+    total = 12 * 140 // 4  # 140 tweets (160 less the 20 of the sample), 12 epochs, batch 4
+    assert resumed_at < total
+
+    second = _start(job, tmp_path / "second.log")
+    assert second.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()
+    log = (tmp_path / "second.log").read_text()
+    assert f"resumed from checkpoint step {resumed_at} of {total}" in log
+    adapter = tmp_path / "tiny-ft"
+    record = json.loads((adapter / TRAINING_CONFIG).read_text())
+    assert record["steps"] == total and record["resumed_from_steps"] == [resumed_at]
+    loss = pd.read_csv(adapter / "loss.tsv", sep="\t")
+    assert loss["step"].tolist() == list(range(1, total + 1))  # the history survived
+    assert not checkpoints.exists()  # cleaned once the adapter is in place
+    assert (tmp_path / "figures" / "finetune_loss_tiny.png").stat().st_size > 0
+    sample_ids = set(read_split(tmp_path / "sample.tsv")["id"])
+    trained_ids = set((adapter / TRAIN_IDS_FILE).read_text().split())
+    assert len(trained_ids) == 140 and not trained_ids & sample_ids
+
+    # The adapter loads as a catalogue entry (source: finetuned) and scores.
+    entry = {**CPU, "source": "finetuned", "base": "tiny", "adapter": str(adapter)}
+    loaded = load_model(entry, str(tiny_llama_dir), device="cpu")
+    assert loaded.info["adapter"]["path"] == str(adapter)
+    prompt = adapter_prompt(load_prompt_file(FINETUNED_PROMPT, "finetuned"), adapter)
+    assert prompt.labels == LABELS  # the adapter's seven, not the published model's six
+    parts = [render_plain(prompt, t) for t in synthetic_split(6)["tweet"]]
+    engine = Engine(loaded.model, loaded.tokenizer, batch_size=4, progress=False)
+    probs = engine.first_token_probs(parts, prompt.labels)
+    assert probs.shape == (6, 7) and np.allclose(probs.sum(axis=1), 1.0)
+    # and the adapter changed the model: its scores differ from the base model's
+    base = load_model(CPU, str(tiny_llama_dir), device="cpu")
+    base_probs = Engine(base.model, base.tokenizer, progress=False).first_token_probs(
+        parts, prompt.labels
+    )
+    assert not np.allclose(probs, base_probs, atol=1e-4)
+    result = run_llm_strategy(
+        STRATEGIES["finetuned_first_token"], engine, loaded.tokenizer, prompt,
+        synthetic_split(10), synthetic_split(6), Settings(),
+    )
+    assert set(result.predictions["predicted"]) <= set(LABELS)
+
+
+def test_settings_are_checked_and_other_settings_change_the_fingerprint(tmp_path, tiny_llama_dir):
+    job = _job(tmp_path, tiny_llama_dir, epochs=1, checkpoint_steps=None)
+    settings = FinetuneSettings.from_mapping(json.loads(job.read_text())["settings"])
+    assert settings.fingerprint() != FinetuneSettings.from_mapping(
+        {**json.loads(job.read_text())["settings"], "learning_rate": 1e-4}
+    ).fingerprint()
+    with pytest.raises(ValueError, match="unknown fine-tuning setting"):
+        FinetuneSettings.from_mapping({"lora_rank": 8})
+
+
+# ------------------------------------------------------------------ MLflow
+def test_training_run_is_logged_once_and_linked_from_its_evaluation_runs(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from test_tracking import make_run_files
+
+    from emoprompt.tracking import TRAINING_RUN_TAG, resolve_tracking_uri, track_runs
+
+    adapter = tmp_path / "smol-ft"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / TRAINING_CONFIG).write_text(json.dumps({
+        "base_model": "smol", "prompt_format": "plain", "labels": list(LABELS),
+        "train_tweets": 40, "seconds": 12.5, "steps": 5, "final_loss": 0.4,
+        "settings": {"learning_rate": 0.001, "lora_r": 16, "checkpoint_minutes": 2},
+        "versions": {"peft": "0.21.2"},
+    }))
+    pd.DataFrame({"step": range(1, 6), "loss": [2.0, 1.5, 1.0, 0.6, 0.4], "lr": 0.001,
+                  "seconds": range(5)}).to_csv(adapter / "loss.tsv", sep="\t", index=False)
+    results = tmp_path / "results"
+    uri, artifacts = resolve_tracking_uri(results, environ={})
+    runs = [make_run_files(results, "smol-ft", "finetuned_first_token", 0)]
+    kwargs = {"experiment": "e", "tracking_uri": uri, "artifact_location": artifacts,
+              "sample": {"size": 30, "scheme": "random", "seed": 0},
+              "trainings": {"smol-ft": adapter}}
+    training, evaluation = track_runs(runs, **kwargs)
+    assert training.strategy == "finetune" and training.action == "created"
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(training.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5] and history[-1].value == 0.4
+    run = client.get_run(training.run_id)
+    assert run.data.params["ft_learning_rate"] == "0.001"
+    assert run.data.params["base_model"] == "smol"
+    names = {a.path for a in client.list_artifacts(training.run_id, "adapter")}
+    assert {"adapter/training_config.json", "adapter/loss.tsv"} <= names
+    assert client.get_run(evaluation.run_id).data.tags[TRAINING_RUN_TAG] == training.run_id
+    again, _ = track_runs(runs, **kwargs)  # idempotent: the same run, not a new one
+    assert again.run_id == training.run_id and again.action == "updated"

@@ -1,0 +1,31 @@
+"""Snakemake adapter: train a LoRA adapter on the train split (resumes a killed run)."""
+
+import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
+
+from emoprompt.devices import job_gpu
+from emoprompt.finetune import TrainingJob, train
+from emoprompt.logs import setup_logging
+
+
+def main(snakemake) -> None:
+    setup_logging(snakemake.log[0])
+    with job_gpu(snakemake.resources):  # local-gpus profile: one device per job
+        train(
+            TrainingJob(
+                model_name=snakemake.wildcards.model,
+                entry=dict(snakemake.params.entry),
+                location=snakemake.params.location,
+                train_path=snakemake.input.train,
+                sample_path=snakemake.input.sample,
+                finetuned_prompt_path=snakemake.input.finetuned_prompt,
+                zero_shot_prompt_path=snakemake.input.zero_shot_prompt,
+                settings=dict(snakemake.params.settings),
+                out_dir=snakemake.output.adapter,
+                figure_path=snakemake.output.figure,
+                threads=snakemake.threads,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake
