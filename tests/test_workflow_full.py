@@ -1,0 +1,87 @@
+"""The main job end to end on the embedded model (a small sample): every default strategy
+writes its files, and the results table equals scikit-learn on the prediction files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import copy_workflow, run_snakemake
+from sklearn.metrics import accuracy_score, f1_score
+
+from emoprompt.labels import LABELS
+from emoprompt.strategies import read_predictions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir: Path, smollm2_dir: Path) -> Path:
+    workflow = copy_workflow(tmp_path_factory.mktemp("full") / "wf")
+    # The embedded model converted once for the tests stands in for convert_model's output.
+    (workflow / "data" / "models").mkdir(parents=True)
+    (workflow / "data" / "models" / "smollm2-135m-instruct").symlink_to(smollm2_dir)
+    run_snakemake(
+        workflow,
+        "--resources",
+        "gpu=1",
+        "--config",
+        f"data_source={data_dir / 'emoeval_data.zip'}",
+        "sample_size=6",
+        "sample_scheme=stratified",
+    )
+    return workflow
+
+
+def test_every_default_strategy_wrote_its_files(finished_run: Path):
+    config_strategies = [
+        "zero_shot_generate",
+        "zero_shot_first_token",
+        "few_shot_generate",
+        "few_shot_first_token",
+        "zero_shot_label_likelihood",
+        "few_shot_label_likelihood",
+    ]
+    folder = finished_run / "results" / "predictions" / "smollm2-135m-instruct"
+    for strategy in config_strategies:
+        frame = read_predictions(folder / f"{strategy}.tsv")
+        assert len(frame) == 6
+        meta = json.loads((folder / f"{strategy}.json").read_text())
+        for key in ("model", "device", "dtype", "prompt_sha256", "tweets_per_s", "versions"):
+            assert meta.get(key) is not None, (strategy, key)
+    assert (finished_run / "results" / "inspect" / "smollm2-135m-instruct.md").is_file()
+
+
+def test_results_table_equals_scikit_learn_on_the_predictions(finished_run: Path):
+    table = pd.read_csv(finished_run / "results" / "results_table.csv")
+    predictions = sorted((finished_run / "results" / "predictions").glob("*/*.tsv"))
+    assert len(table) == len(predictions) == 7
+    for path in predictions:
+        model, strategy = path.parent.name, path.stem
+        row = table[(table["model"] == model) & (table["experiment"] == strategy)]
+        assert len(row) == 1, (model, strategy)
+        frame = read_predictions(path)
+        gold, pred = frame["gold"], frame["predicted"]
+        per_class = f1_score(gold, pred, labels=list(LABELS), average=None, zero_division=0)
+        expected = {
+            "F1 macro": f1_score(gold, pred, labels=list(LABELS), average="macro", zero_division=0),
+            "F1 Alegría": per_class[0],
+            "F1 Tristeza": per_class[1],
+            "F1 Otras": per_class[6],
+            "accuracy": accuracy_score(gold, pred),
+            "unparsed %": 100 * (~frame["parsed"]).mean(),
+        }
+        for column, value in expected.items():
+            assert row[column].iloc[0] == pytest.approx(value, abs=1e-3), (model, strategy, column)
+
+
+def test_one_mlflow_run_per_model_and_strategy(finished_run: Path):
+    with sqlite3.connect(finished_run / "results" / "mlflow.db") as db:
+        keys = db.execute(
+            "SELECT t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+            "WHERE t.key = 'emoprompt.key' AND r.lifecycle_stage = 'active'"
+        ).fetchall()
+    assert len(keys) == 7 and len(set(keys)) == 7
