@@ -182,6 +182,8 @@ def run_params(
         params[f"scoring_{name}"] = value
     if "seed" in metadata:  # the baseline's own seed
         params["baseline_seed"] = metadata["seed"]
+    if (metadata.get("adapter") or {}).get("fingerprint"):  # a retrained adapter: a new run
+        params["adapter_fingerprint"] = metadata["adapter"]["fingerprint"]
     return {name: _text(value) for name, value in params.items()}
 
 
