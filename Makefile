@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: setup run test lint ui clean
+.PHONY: setup run test lint ui bench clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,15 @@ ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 	  exec $(BIN)/mlflow server --host 127.0.0.1 --port $(UI_PORT) --workers 1 \
 	  --backend-store-uri "$$uri" --artifacts-destination "$(CURDIR)/results/mlartifacts"
+
+# Inference speed of every strategy against the course notebook's way, one process per
+# measurement (about 40 minutes on a 2-core CPU): results/bench/inference.json and the
+# tables of BENCHMARKS.md. Run it on an otherwise idle machine.
+BENCH_MODEL ?= smollm2-135m-instruct
+bench: setup
+	$(BIN)/snakemake --cores $(CORES) $(if $(DATA),--config data_source=$(DATA)) \
+	  data/processed/train.tsv data/processed/test.tsv data/models/$(BENCH_MODEL)
+	$(BIN)/python benchmarks/run.py -- --model $(BENCH_MODEL)
 
 clean:
 	rm -rf .snakemake data results logs

@@ -111,15 +111,18 @@ class FinetuneSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"finetune {name} must be one of {', '.join(allowed)}")
-        if self.train_size != "all" and (not isinstance(self.train_size, int)
-                                         or self.train_size < 1):
+        if self.train_size != "all" and (
+            not isinstance(self.train_size, int) or self.train_size < 1
+        ):
             raise ValueError("finetune train_size must be 'all' or a positive integer")
-        if self.lora_layers != "all" and (not isinstance(self.lora_layers, int)
-                                          or self.lora_layers < 1):
+        if self.lora_layers != "all" and (
+            not isinstance(self.lora_layers, int) or self.lora_layers < 1
+        ):
             raise ValueError("finetune lora_layers must be 'all' or a positive integer")
         if self.batch_size < 1 or self.gradient_accumulation < 1 or self.max_length < 8:
-            raise ValueError("finetune batch_size, gradient_accumulation must be >= 1, "
-                             "max_length >= 8")
+            raise ValueError(
+                "finetune batch_size, gradient_accumulation must be >= 1, max_length >= 8"
+            )
 
     def fingerprint(self) -> dict[str, Any]:
         """What defines the trained adapter (checkpoint timing does not)."""
@@ -360,15 +363,23 @@ def build_examples(
     bos, end_id = bos_prefix(tokenizer), end_token_id(tokenizer)
     examples = [
         build_example(
-            tokenizer, spec, row.id, row.tweet, row.label, answers[row.label],
-            max_length=max_length, bos=bos, end_id=end_id,
+            tokenizer,
+            spec,
+            row.id,
+            row.tweet,
+            row.label,
+            answers[row.label],
+            max_length=max_length,
+            bos=bos,
+            end_id=end_id,
         )
         for row in frame.itertuples(index=False)
     ]
     truncated = sum(e.truncated for e in examples)
     if truncated:
-        log.info("%d of %d tweets shortened to fit max_length %d", truncated, len(examples),
-                 max_length)
+        log.info(
+            "%d of %d tweets shortened to fit max_length %d", truncated, len(examples), max_length
+        )
     return examples
 
 
@@ -532,8 +543,13 @@ def _load_base(job: TrainingJob, settings: FinetuneSettings):
     device, quantization = _device_and_quantization(settings, job.device)
     # Full precision on a CPU; bfloat16 (or NF4 storage) on an accelerator.
     dtype = "float32" if device == "cpu" else "bfloat16"
-    spec = {**job.entry, "name": job.model_name, "dtype": dtype, "quantization": quantization,
-            "allow_fallback": False}
+    spec = {
+        **job.entry,
+        "name": job.model_name,
+        "dtype": dtype,
+        "quantization": quantization,
+        "allow_fallback": False,
+    }
     loaded = load_model(spec, job.location, device=device)
     loaded.tokenizer.padding_side = "right"
     return loaded, quantization
@@ -592,8 +608,9 @@ def _schedule(total: int, warmup: int):
     return factor
 
 
-def plot_loss(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str],
-              title: str) -> None:
+def plot_loss(
+    history: Sequence[Mapping[str, float]], path: str | os.PathLike[str], title: str
+) -> None:
     """Loss per step and its moving average, as a PNG (written atomically)."""
     import matplotlib
 
@@ -653,53 +670,86 @@ def train(job: TrainingJob) -> dict[str, Any]:
     if settings.prompt_format == "plain":
         spec = PromptSpec("plain", notebook)
     else:
-        spec = PromptSpec("chat", load_prompt_file(job.zero_shot_prompt_path, "zero_shot"),
-                          dict(job.entry.get("chat_template_kwargs") or {}))
+        spec = PromptSpec(
+            "chat",
+            load_prompt_file(job.zero_shot_prompt_path, "zero_shot"),
+            dict(job.entry.get("chat_template_kwargs") or {}),
+        )
 
     train_frame, sample = read_split(job.train_path), read_split(job.sample_path)
     chosen = select_training_set(
-        train_frame, exclude_ids=sample["id"].tolist(), classes=list(answers),
-        size=settings.train_size, subset=settings.subset, seed=settings.seed,
+        train_frame,
+        exclude_ids=sample["id"].tolist(),
+        classes=list(answers),
+        size=settings.train_size,
+        subset=settings.subset,
+        seed=settings.seed,
     )
     untrained = sorted(set(train_frame["label"]) - set(answers))
     if untrained:
         log.info("classes without an answer label are not trained: %s", ", ".join(untrained))
     counts = chosen["label"].value_counts().reindex(LABELS).dropna().astype(int).to_dict()
     weights_of = class_weights(chosen["label"].tolist(), settings.class_weights)
-    log.info("training tweets: %d of %d (%s); class counts %s; loss weights %s", len(chosen),
-             len(train_frame), settings.subset if settings.train_size != "all" else "all",
-             counts, {c: round(w, 3) for c, w in weights_of.items()})
+    log.info(
+        "training tweets: %d of %d (%s); class counts %s; loss weights %s",
+        len(chosen),
+        len(train_frame),
+        settings.subset if settings.train_size != "all" else "all",
+        counts,
+        {c: round(w, 3) for c, w in weights_of.items()},
+    )
 
     loaded, quantization = _load_base(job, settings)
     tokenizer = loaded.tokenizer
     examples = build_examples(chosen, tokenizer, spec, answers, settings.max_length)
     weights = torch.tensor([weights_of[e.label] for e in examples], dtype=torch.float32)
-    batches = plan_batches(len(examples), settings.batch_size, settings.epochs, settings.seed,
-                           lengths=[len(e.input_ids) for e in examples])
+    batches = plan_batches(
+        len(examples),
+        settings.batch_size,
+        settings.epochs,
+        settings.seed,
+        lengths=[len(e.input_ids) for e in examples],
+    )
     total_steps = math.ceil(len(batches) / settings.gradient_accumulation)
     if settings.max_steps is not None:
         total_steps = min(total_steps, settings.max_steps)
     if total_steps < 1:
         raise ValueError("nothing to train: no batches (check train_size, epochs, max_steps)")
-    fingerprint = _digest({
-        "base": job.model_name, "location": job.location, "settings": settings.fingerprint(),
-        "ids": chosen["id"].tolist(), "answers": answers, "prompt": spec.record(),
-    })
+    fingerprint = _digest(
+        {
+            "base": job.model_name,
+            "location": job.location,
+            "settings": settings.fingerprint(),
+            "ids": chosen["id"].tolist(),
+            "answers": answers,
+            "prompt": spec.record(),
+        }
+    )
 
     torch.manual_seed(settings.seed)
     model = _lora_model(loaded.model, settings, quantized=quantization == "nf4")
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate,
-                                  weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
     warmup = round(settings.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup))
     autocast = device.type == "cuda" and quantization == "none"
     n_trainable = sum(p.numel() for p in trainable)
-    log.info("LoRA r=%d alpha=%d on %s: %d trainable parameters; %d steps of %d x %d tweets "
-             "on %s (quantization %s)", settings.lora_r, settings.lora_alpha,
-             settings.target_modules, n_trainable, total_steps, settings.batch_size,
-             settings.gradient_accumulation, device, quantization)
+    log.info(
+        "LoRA r=%d alpha=%d on %s: %d trainable parameters; %d steps of %d x %d tweets "
+        "on %s (quantization %s)",
+        settings.lora_r,
+        settings.lora_alpha,
+        settings.target_modules,
+        n_trainable,
+        total_steps,
+        settings.batch_size,
+        settings.gradient_accumulation,
+        device,
+        quantization,
+    )
 
     step, history, seconds, resumed = 0, [], 0.0, []
     state = load_checkpoint(ckpt_dir, fingerprint)
@@ -714,8 +764,12 @@ def train(job: TrainingJob) -> dict[str, Any]:
             torch.cuda.set_rng_state(state["cuda_rng"])
         step, history, seconds = state["step"], list(state["history"]), state["seconds"]
         resumed = [*state.get("resumed", []), step]
-        log.info("resumed from checkpoint step %d of %d (%.0f s of training done)", step,
-                 total_steps, seconds)
+        log.info(
+            "resumed from checkpoint step %d of %d (%.0f s of training done)",
+            step,
+            total_steps,
+            seconds,
+        )
     elif checkpoint_steps(ckpt_dir):
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
@@ -736,14 +790,25 @@ def train(job: TrainingJob) -> dict[str, Any]:
         }
         save_checkpoint(ckpt_dir, step, state)
         left = seconds / step * (total_steps - step) if step else float("nan")
-        log.info("checkpoint at step %d/%d (loss %.4f, %.0f s trained, about %.0f s left)",
-                 step, total_steps, history[-1]["loss"] if history else float("nan"), seconds,
-                 left)
+        log.info(
+            "checkpoint at step %d/%d (loss %.4f, %.0f s trained, about %.0f s left)",
+            step,
+            total_steps,
+            history[-1]["loss"] if history else float("nan"),
+            seconds,
+            left,
+        )
 
     model.train()
     last_checkpoint = last_report = time.monotonic()
-    bar = tqdm(total=total_steps, initial=step, desc=f"fine-tuning {job.model_name}",
-               unit="step", mininterval=5.0, file=sys.stderr)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"fine-tuning {job.model_name}",
+        unit="step",
+        mininterval=5.0,
+        file=sys.stderr,
+    )
     pad_id = tokenizer.pad_token_id
     while step < total_steps:
         tick = time.perf_counter()
@@ -752,8 +817,9 @@ def train(job: TrainingJob) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for rows in micro:
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows],
-                                                          pad_id).items()}
+            batch = {
+                k: v.to(device) for k, v in collate([examples[i] for i in rows], pad_id).items()
+            }
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = answer_loss(model, batch, weights[rows].to(device))
             (loss / len(micro)).backward()
@@ -764,17 +830,24 @@ def train(job: TrainingJob) -> dict[str, Any]:
         scheduler.step()
         step += 1
         seconds += time.perf_counter() - tick
-        history.append({"step": step, "loss": round(step_loss, 6), "lr": lr,
-                        "seconds": round(seconds, 3)})
+        history.append(
+            {"step": step, "loss": round(step_loss, 6), "lr": lr, "seconds": round(seconds, 3)}
+        )
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
         if time.monotonic() - last_report >= PROGRESS_SECONDS:  # a plain line for the log
             last_report = time.monotonic()
             recent = [h["loss"] for h in history[-10:]]
-            log.info("step %d/%d (%.0f%%): loss %.4f (mean of the last %d), %.0f s, "
-                     "ETA %.0f s", step, total_steps, 100 * step / total_steps,
-                     float(np.mean(recent)), len(recent), seconds,
-                     seconds / step * (total_steps - step))
+            log.info(
+                "step %d/%d (%.0f%%): loss %.4f (mean of the last %d), %.0f s, ETA %.0f s",
+                step,
+                total_steps,
+                100 * step / total_steps,
+                float(np.mean(recent)),
+                len(recent),
+                seconds,
+                seconds / step * (total_steps - step),
+            )
         due = (time.monotonic() - last_checkpoint) >= settings.checkpoint_minutes * 60
         if settings.checkpoint_steps and step % settings.checkpoint_steps == 0:
             due = True
@@ -823,8 +896,7 @@ def train(job: TrainingJob) -> dict[str, Any]:
         model.save_pretrained(tmp)
         # The adapter must load where the base model is, wherever the checkout moved.
         write_json(tmp / TRAINING_CONFIG, record)
-        pd.DataFrame(history).to_csv(tmp / LOSS_FILE, sep="\t", index=False,
-                                     lineterminator="\n")
+        pd.DataFrame(history).to_csv(tmp / LOSS_FILE, sep="\t", index=False, lineterminator="\n")
         (tmp / TRAIN_IDS_FILE).write_text("\n".join(chosen["id"]) + "\n", encoding="utf-8")
         plot_loss(history, tmp / LOSS_FIGURE, f"LoRA fine-tuning of {job.model_name}")
         check = load_file(str(tmp / "adapter_model.safetensors"))
@@ -834,8 +906,13 @@ def train(job: TrainingJob) -> dict[str, Any]:
         Path(job.figure_path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out_dir / LOSS_FIGURE, job.figure_path)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    log.info("adapter written to %s: %d steps, %.0f s of training, final loss %.4f", out_dir,
-             step, seconds, record["final_loss"])
+    log.info(
+        "adapter written to %s: %d steps, %.0f s of training, final loss %.4f",
+        out_dir,
+        step,
+        seconds,
+        record["final_loss"],
+    )
     return record
 
 

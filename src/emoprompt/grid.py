@@ -88,10 +88,16 @@ def plot_strategies_by_model(table: pd.DataFrame, score: str = "F1 macro") -> Fi
         for slot, (_, row) in enumerate(rows.iterrows()):
             strategy = row["experiment"]
             std = row[f"{score} std"]
-            ax.bar(left + width * (slot + 0.5), row[f"{score} mean"], width * 0.92,
-                   yerr=0.0 if pd.isna(std) else std, capsize=3,
-                   color=palette(strategies.index(strategy) % palette.N),
-                   label=None if strategy in labelled else strategy, error_kw={"elinewidth": 1})
+            ax.bar(
+                left + width * (slot + 0.5),
+                row[f"{score} mean"],
+                width * 0.92,
+                yerr=0.0 if pd.isna(std) else std,
+                capsize=3,
+                color=palette(strategies.index(strategy) % palette.N),
+                label=None if strategy in labelled else strategy,
+                error_kw={"elinewidth": 1},
+            )
             labelled.add(strategy)
     ax.set_xticks(range(len(models)), models)
     ax.set_ylabel(f"{score} (mean ± std over seeds)")

@@ -110,10 +110,12 @@ def compute_metrics(
         "unparsed": unparsed,
         "unparsed_rate": unparsed / tweets,
         "accuracy": float(accuracy_score(gold, predicted)),
-        "f1_macro": float(f1_score(gold, predicted, labels=labels, average="macro",
-                                   zero_division=0)),
-        "f1_weighted": float(f1_score(gold, predicted, labels=labels, average="weighted",
-                                      zero_division=0)),
+        "f1_macro": float(
+            f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)
+        ),
+        "f1_weighted": float(
+            f1_score(gold, predicted, labels=labels, average="weighted", zero_division=0)
+        ),
         "precision_macro": float(np.mean(precision)),
         "recall_macro": float(np.mean(recall)),
         "per_class": per_class,
@@ -136,8 +138,18 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     its UI accept and chart them; values that are unknown (no speed recorded) are left out.
     """
     flat: dict[str, float] = {}
-    for name in ("f1_macro", "f1_weighted", "accuracy", "precision_macro", "recall_macro",
-                 "unparsed_rate", "unparsed", "tweets", "tweets_per_s", "seconds"):
+    for name in (
+        "f1_macro",
+        "f1_weighted",
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "unparsed_rate",
+        "unparsed",
+        "tweets",
+        "tweets_per_s",
+        "seconds",
+    ):
         value = metrics.get(name)
         if value is not None:
             flat[name] = float(value)

@@ -139,8 +139,15 @@ def plot_confusion(
         ax.set_title(subtitle)
         for (i, j), value in np.ndenumerate(values):
             dark = value > vmax / 2
-            ax.text(j, i, fmt.format(value.item()), ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                fmt.format(value.item()),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "black",
+            )
     if title:
         figure.suptitle(title)
     return figure

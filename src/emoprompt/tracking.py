@@ -187,8 +187,9 @@ def run_params(
     return {name: _text(value) for name, value in params.items()}
 
 
-def run_tags(model: str, strategy: str, key: str, metadata: Mapping[str, Any],
-             commit: str) -> dict[str, str]:
+def run_tags(
+    model: str, strategy: str, key: str, metadata: Mapping[str, Any], commit: str
+) -> dict[str, str]:
     tags = {
         KEY_TAG: key,
         "emoprompt.model": model,
@@ -244,8 +245,8 @@ def _changed_metrics(existing: Mapping[str, float], new: Mapping[str, float]) ->
     return {
         name: value
         for name, value in new.items()
-        if name not in existing or not math.isclose(existing[name], value, rel_tol=1e-12,
-                                                    abs_tol=0.0)
+        if name not in existing
+        or not math.isclose(existing[name], value, rel_tol=1e-12, abs_tol=0.0)
     }
 
 
@@ -278,8 +279,7 @@ def track_run(
             action = "replaced"
             old = run.info.run_id
             run = None
-            log.info("%s: parameters changed (%s): replacing run %s", key,
-                     ", ".join(changed), old)
+            log.info("%s: parameters changed (%s): replacing run %s", key, ", ".join(changed), old)
     if run is None:
         new = client.create_run(experiment_id, tags=tags, run_name=name)
         if action == "replaced":
@@ -346,7 +346,11 @@ def track_runs(
     training_of = {run.model: run.run_id for run in trained}
     return trained + [
         track_run(
-            client, experiment_id, files, sample, commit,
+            client,
+            experiment_id,
+            files,
+            sample,
+            commit,
             {TRAINING_RUN_TAG: training_of[files.model]} if files.model in training_of else None,
         )
         for files in runs
@@ -358,8 +362,9 @@ TRAINING_RUN_TAG = "emoprompt.training_run_id"
 TRAINING_STRATEGY = "finetune"
 
 
-def training_params(model: str, record: Mapping[str, Any], adapter_sha256: str,
-                    commit: str) -> dict[str, str]:
+def training_params(
+    model: str, record: Mapping[str, Any], adapter_sha256: str, commit: str
+) -> dict[str, str]:
     """What defines a training run, as MLflow parameters (strings)."""
     params: dict[str, Any] = {
         "model": model,
@@ -382,8 +387,9 @@ def training_params(model: str, record: Mapping[str, Any], adapter_sha256: str,
     return {name: _text(value)[:6000] for name, value in params.items()}
 
 
-def track_training(client: MlflowClient, experiment_id: str, model: str, adapter: Path,
-                   commit: str) -> TrackedRun:
+def track_training(
+    client: MlflowClient, experiment_id: str, model: str, adapter: Path, commit: str
+) -> TrackedRun:
     """Create (or find) the run of one fine-tuning: its settings as parameters, the loss
     per step as the metric history ``train_loss``, and the adapter folder as artefacts.
     A retrained adapter (another sha256) replaces the run, as changed parameters do."""
@@ -391,8 +397,12 @@ def track_training(client: MlflowClient, experiment_id: str, model: str, adapter
     key = f"{model}/{TRAINING_STRATEGY}"
     weights = adapter / "adapter_model.safetensors"
     params = training_params(model, record, sha256_file(weights), commit)
-    tags = {KEY_TAG: key, "emoprompt.model": model, "emoprompt.strategy": TRAINING_STRATEGY,
-            "mlflow.source.git.commit": commit}
+    tags = {
+        KEY_TAG: key,
+        "emoprompt.model": model,
+        "emoprompt.strategy": TRAINING_STRATEGY,
+        "mlflow.source.git.commit": commit,
+    }
     tags.update({f"version.{k}": str(v) for k, v in (record.get("versions") or {}).items()})
     found = find_runs(client, experiment_id, key)
     for extra in found[1:]:
@@ -400,8 +410,7 @@ def track_training(client: MlflowClient, experiment_id: str, model: str, adapter
     run = found[0] if found else None
     if run is not None and not _params_conflict(run.data.params, params):
         log.info("%s: training run %s is up to date", key, run.info.run_id)
-        return TrackedRun(key, model, TRAINING_STRATEGY, run.info.run_id, experiment_id,
-                          "updated")
+        return TrackedRun(key, model, TRAINING_STRATEGY, run.info.run_id, experiment_id, "updated")
     new = client.create_run(experiment_id, tags=tags, run_name=f"{model} · fine-tuning")
     run_id = new.info.run_id
     action = "created"
@@ -417,8 +426,12 @@ def track_training(client: MlflowClient, experiment_id: str, model: str, adapter
                 step = int(row["step"])
                 history.append(Metric("train_loss", float(row["loss"]), now, step))
                 history.append(Metric("learning_rate", float(row["lr"]), now, step))
-        summary = {"final_loss": record.get("final_loss"), "train_seconds": record.get("seconds"),
-                   "steps": record.get("steps"), "train_tweets": record.get("train_tweets")}
+        summary = {
+            "final_loss": record.get("final_loss"),
+            "train_seconds": record.get("seconds"),
+            "steps": record.get("steps"),
+            "train_tweets": record.get("train_tweets"),
+        }
         history += [Metric(k, float(v), now, 0) for k, v in summary.items() if v is not None]
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], tags=[])
         for start in range(0, len(history), 900):  # MLflow takes at most 1000 per batch

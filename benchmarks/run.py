@@ -1,0 +1,90 @@
+"""Run every inference benchmark case, each in its own process, and write the summary.
+
+    python benchmarks/run.py            # what `make bench` runs
+
+Cases run one after another (references first) through ``benchmarks/inference.py``;
+each one's log goes to ``results/bench/logs/``. The rows, with their ratio to the
+notebook's way, go to ``results/bench/inference.json`` and the tables to the block
+between the markers of ``BENCHMARKS.md`` (the text around it is kept). Arguments after
+``--`` go to every ``inference.py`` call (e.g. ``-- --threads 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from emoprompt.bench import (
+    add_ratios,
+    case_args,
+    default_plan,
+    describe_run,
+    machine_info,
+    render_markdown,
+    replace_block,
+)
+from emoprompt.files import atomic_open, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the fast paths")
+    parser.add_argument("--out", default=str(ROOT / "results" / "bench"))
+    parser.add_argument("--doc", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--only", nargs="*", help="run only these methods")
+    parser.add_argument("rest", nargs="*", help="passed to inference.py (after --)")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    cases_dir, logs = out / "cases", out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in cases_dir.glob("*.json"):  # a run compares only with its own references
+        old.unlink()
+    plan = [c for c in default_plan(args.batch_size) if not args.only or c.method in args.only]
+    rows, failed = [], []
+    for number, case in enumerate(plan, 1):
+        print(f"[{number}/{len(plan)}] {case.key}", flush=True)
+        start = time.perf_counter()
+        command = [sys.executable, str(ROOT / "benchmarks" / "inference.py"), *case_args(case)]
+        with open(logs / f"{case.key}.log", "w") as log:
+            done = subprocess.run(
+                [*command, "--out", str(cases_dir), *args.rest],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if done.returncode:
+            failed.append(case.key)
+            print(f"    failed (exit {done.returncode}): see {logs / f'{case.key}.log'}")
+            continue
+        row = json.loads((cases_dir / f"{case.key}.json").read_text())
+        rows.append(row)
+        print(
+            f"    {row['tweets_per_s']:.2f} tweets/s, peak {row['peak_rss_mib']:.0f} MiB, "
+            f"same predictions: {row['same_predictions']} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    add_ratios(rows)
+    write_json(out / "inference.json", rows)
+
+    info = {**machine_info(), "batch_size": args.batch_size}
+    header = describe_run(rows, info, datetime.date.today().isoformat())
+    doc = Path(args.doc)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    with atomic_open(doc) as handle:
+        handle.write(replace_block(text, f"{header}\n\n{render_markdown(rows, info)}"))
+    print(f"wrote {out / 'inference.json'} and {doc}")
+    if failed:
+        print("failed cases: " + ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The inference benchmark: its cases, its comparison with the plain path, its report.
+
+No timing is asserted: speed is what `make bench` measures and BENCHMARKS.md reports.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pandas as pd
+import pytest
+from conftest import REPO
+
+from emoprompt.bench import (
+    NOTEBOOK,
+    BenchError,
+    Case,
+    add_ratios,
+    bench_sample,
+    compare,
+    default_plan,
+    render_markdown,
+    replace_block,
+    run_case,
+    targets,
+)
+from emoprompt.data import prepare, read_split
+
+
+@pytest.fixture(scope="module")
+def splits(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-data")
+    prepare(data_dir / "emoeval_data.zip", out / "train.tsv", out / "test.tsv")
+    return out
+
+
+def test_cases_refuse_what_cannot_run():
+    with pytest.raises(BenchError, match="unknown method"):
+        Case("zero_shot_guess")
+    with pytest.raises(BenchError, match="shots must be > 0"):
+        Case("few_shot_first_token", 0)
+    with pytest.raises(BenchError, match="shots must be 0"):
+        Case("zero_shot_generate", 3)
+    with pytest.raises(BenchError, match="one tweet at a time"):
+        Case(NOTEBOOK, batch_size=16)
+
+
+def test_sample_is_the_documented_draw(splits):
+    test = read_split(splits / "test.tsv")
+    sample = bench_sample(test, 100)
+    rows = random.Random(0).sample(range(len(test)), 100)
+    assert sample["id"].tolist() == test["id"].iloc[rows].tolist()
+    with pytest.raises(BenchError, match="cannot sample"):
+        bench_sample(test, len(test) + 1)
+
+
+def test_plan_measures_references_before_the_cases_checked_against_them():
+    plan = default_plan(16)
+    seen = set()
+    for case in plan:
+        if not case.is_reference and case.method != NOTEBOOK and case.prefix_cache:
+            assert case.reference in seen, case.key
+        seen.add(case)
+    assert Case.notebook().reference in seen
+    keys = [c.key for c in plan]
+    assert len(keys) == len(set(keys))
+    assert {c.shots for c in plan if c.method == "few_shot_first_token"} == {5, 10, 20}
+    assert {c.batch_size for c in plan if c.method == "zero_shot_first_token"} >= {1, 4, 16, 32}
+
+
+def test_compare_needs_the_same_label_or_the_same_text():
+    ids = ["a", "b", "c"]
+    ref = pd.DataFrame({"id": ids, "predicted": ["Ira", "Otras", "Miedo"], "raw": ["x", "y", "z"]})
+    same = compare(ref.assign(raw=["x ", "y", "z"]), ref, "zero_shot_generate")
+    assert same["same_predictions"] and same["agreeing"] == 3 and same["same_text"] == 3
+    other = compare(ref.assign(raw=["x", "y!", "z"]), ref, "zero_shot_generate")
+    assert not other["same_predictions"] and other["agreeing"] == 2
+    with pytest.raises(BenchError, match="different tweets"):
+        compare(ref.iloc[::-1].reset_index(drop=True), ref, "zero_shot_generate")
+
+
+def rows_for_report():
+    def row(method, shots, batch, cache, rate, mib=1000.0, same=True):
+        reference = batch == 1 and not cache and method != NOTEBOOK
+        return {
+            "method": method,
+            "shots": shots,
+            "batch_size": batch,
+            "prefix_cache": cache,
+            "is_reference": reference,
+            "tweets": 100,
+            "tweets_per_s": rate,
+            "peak_rss_mib": mib,
+            "tokens_in": 100 * (60 + 50 * shots),
+            "same_predictions": None if reference else same,
+            "agreeing": 100 if same else 97,
+        }
+
+    return [
+        row("zero_shot_first_token", 0, 1, False, 2.0),
+        row("few_shot_first_token", 20, 1, False, 0.2),
+        row(NOTEBOOK, 0, 1, False, 0.5, same=True),
+        row("zero_shot_first_token", 0, 16, True, 9.0),
+        row("few_shot_first_token", 20, 16, True, 4.0, same=False),
+        row("zero_shot_label_likelihood", 0, 16, True, 3.0, mib=2500.0),
+    ]
+
+
+def test_report_states_ratios_goals_and_agreement():
+    rows = add_ratios(rows_for_report())
+    assert [r["ratio_vs_notebook"] for r in rows] == [4.0, 0.4, 1.0, 18.0, 8.0, 6.0]
+    goals = {label: (value, ok) for label, value, ok in targets(rows, 16)}
+    assert goals["zero_shot_first_token, 0 shots: at least 15x the notebook's way"] == (
+        "18.0x",
+        True,
+    )
+    assert goals["20-shot first token at least half the zero-shot rate"] == ("0.44", False)
+    assert goals["zero_shot_label_likelihood: peak memory under 2 GiB"][1] is False
+    assert goals["predictions equal the unbatched, uncached path's"] == ("3 of 4 cases", False)
+    text = render_markdown(rows, {"batch_size": 16})
+    assert "| few_shot_first_token | 20 | 16 | yes | 4.00 | 8.0x | 1000 | **no** (97/100) |" in text
+    assert "| 20 | 1060 | 4.00 | 0.20 | 0.44 |" in text  # shots scaling: fed tokens, rates
+
+
+def test_replace_block_keeps_the_text_around_it():
+    doc = "# Benchmarks\n\nintro\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nnotes\n"
+    new = replace_block(doc, "new table")
+    assert new == doc.replace("old", "new table")
+    assert replace_block("# B\n", "t").endswith("<!-- bench:start -->\nt\n<!-- bench:end -->\n")
+
+
+def test_fast_paths_equal_the_plain_path_on_real_tweets(smollm2_dir, splits, tmp_path):
+    """Acceptance on a small set: every fast path's predictions (and generated texts)
+    equal the unbatched, uncached path's, and the notebook's way writes the same texts."""
+    out = tmp_path / "cases"
+    common = {
+        "entry": {"dtype": "float32", "quantization": "none", "name": "smollm2"},
+        "model_dir": smollm2_dir,
+        "data_dir": splits,
+        "prompt_dir": REPO / "prompts",
+        "out_dir": out,
+        "tweets": 6,
+        "repeats": 1,
+    }
+    fast = [
+        Case("zero_shot_first_token", 0, 4),
+        Case("few_shot_first_token", 3, 4),
+        Case("zero_shot_label_likelihood", 0, 4),
+        Case("zero_shot_generate", 0, 4),
+    ]
+    for case in [*(c.reference for c in fast), Case.notebook(), *fast]:
+        row = run_case(case, **common)
+        assert row["tweets"] == 6 and row["tweets_per_s"] > 0 and row["peak_rss_mib"] > 0
+        written = json.loads((out / f"{case.key}.json").read_text())
+        assert written == json.loads(json.dumps(row))
+        if case.is_reference:
+            assert row["same_predictions"] is None
+        else:
+            assert row["same_predictions"] is True, case.key
+            assert row["agreeing"] == 6
+    assert row["same_text"] == 6
