@@ -33,16 +33,34 @@ from emoprompt.files import atomic_open, write_json
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def write_report(rows: list[dict], args: argparse.Namespace) -> None:
+    info = {**machine_info(), "batch_size": args.batch_size}
+    day = rows[0].get("date") if rows else None
+    header = describe_run(rows, info, day or datetime.date.today().isoformat())
+    doc = Path(args.doc)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    with atomic_open(doc) as handle:
+        handle.write(replace_block(text, f"{header}\n\n{render_markdown(rows, info)}"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the fast paths")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench"))
     parser.add_argument("--doc", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--only", nargs="*", help="run only these methods")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite BENCHMARKS.md's tables from results/bench/inference.json",
+    )
     parser.add_argument("rest", nargs="*", help="passed to inference.py (after --)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
+    if args.report_only:
+        write_report(json.loads((out / "inference.json").read_text()), args)
+        return 0
     cases_dir, logs = out / "cases", out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for old in cases_dir.glob("*.json"):  # a run compares only with its own references
@@ -74,13 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
     write_json(out / "inference.json", rows)
 
-    info = {**machine_info(), "batch_size": args.batch_size}
-    header = describe_run(rows, info, datetime.date.today().isoformat())
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    with atomic_open(doc) as handle:
-        handle.write(replace_block(text, f"{header}\n\n{render_markdown(rows, info)}"))
-    print(f"wrote {out / 'inference.json'} and {doc}")
+    write_report(rows, args)
+    print(f"wrote {out / 'inference.json'} and {args.doc}")
     if failed:
         print("failed cases: " + ", ".join(failed))
     return 1 if failed else 0

@@ -112,7 +112,7 @@ def test_report_states_ratios_goals_and_agreement():
     assert [r["ratio_vs_notebook"] for r in rows] == [4.0, 0.4, 1.0, 18.0, 8.0, 6.0]
     goals = {label: (value, ok) for label, value, ok in targets(rows, 16)}
     assert goals["zero_shot_first_token, 0 shots: at least 15x the notebook's way"] == (
-        "18.0x",
+        "18.00x",
         True,
     )
     assert goals["20-shot first token at least half the zero-shot rate"] == ("0.44", False)

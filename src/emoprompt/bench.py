@@ -17,6 +17,7 @@ pipeline called once per tweet with the chat messages of the zero-shot prompt, g
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -289,7 +290,7 @@ def targets(rows: Sequence[Mapping[str, Any]], batch_size: int) -> list[tuple[st
         r = _find(rows, method, shots, batch_size)
         if r and r.get("ratio_vs_notebook") is not None:
             label = f"{method}, {shots} shots: at least {goal}x the notebook's way"
-            out.append((label, f"{r['ratio_vs_notebook']:.1f}x", r["ratio_vs_notebook"] >= goal))
+            out.append((label, f"{r['ratio_vs_notebook']:.2f}x", r["ratio_vs_notebook"] >= goal))
 
     ratio("zero_shot_first_token", 0, 15)
     ratio("few_shot_first_token", 10, 10)
@@ -505,6 +506,7 @@ def run_case(
         threads=count,
         dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         model=entry.get("name") or Path(model_dir).name,
+        date=datetime.date.today().isoformat(),
     )
     out = Path(out_dir)
     write_predictions(out / f"{case.key}.predictions.json", predictions)

@@ -11,10 +11,13 @@ loaded by the caller):
 
 Speed comes from reusing the KV cache of the text that many prompts share
 (:attr:`PromptParts.prefix`: the system prompt and the few-shot turns): it is encoded
-once per call, and every batch feeds only the per-tweet suffixes on top of a view of
-it. Left-padded suffixes after a shared prefix leave pad gaps in the middle of each
-row; the attention mask ``[prefix ones | suffix mask]`` and explicit ``position_ids``
-(counting real tokens only) make every row compute exactly what it would alone.
+once per call, and every batch feeds only the per-tweet suffixes on top of it. On a
+CPU with SDPA attention the batch keeps one copy of that prefix for all its rows and
+attends to it once for all of them (:mod:`emoprompt.attention`); elsewhere each row
+gets a broadcast view of it. Left-padded suffixes after a shared prefix leave pad
+gaps in the middle of each row; the attention mask ``[prefix ones | suffix mask]`` and
+explicit ``position_ids`` (counting real tokens only) make every row compute exactly
+what it would alone.
 
 Tokenisation. Prompts are encoded with ``add_special_tokens=False``: chat templates
 already write the BOS text (``<|begin_of_text|>``...), so letting the tokenizer add
@@ -45,7 +48,7 @@ concatenation (never writes in place), which is what lets a batch start from a
 broadcast view of the one-row prefix cache; a 4D ``attention_mask`` is passed to the
 attention function as is; ``logits_to_keep`` limits the LM head to the last positions.
 
-Prompts may be this module's :class:`PromptParts` or any object with ``prefix`` and
+Prompts may be :class:`emoprompt.prompts.PromptParts` or any object with ``prefix`` and
 ``suffix`` strings.
 """
 
@@ -68,6 +71,9 @@ from tqdm.auto import tqdm
 from .attention import IMPLEMENTATION as SHARED_PREFIX_ATTENTION
 from .attention import SharedPrefixLayer, shared_prefix
 from .attention import register as register_attention
+from .prompts import PromptParts
+
+__all__ = ["Engine", "Generation", "LabelCollisionError", "PromptParts"]
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +86,6 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 # Prompts given without a usable prefix share their common first tokens through the
 # cache only when there are at least this many (else an extra forward pass is wasted).
 MIN_SHARED_START = 8
-
-
-@dataclass(frozen=True)
-class PromptParts:
-    """A prompt split into the part shared by many prompts and the per-tweet rest."""
-
-    prefix: str  # shared text (system prompt + few-shot turns); may be ""
-    suffix: str  # the per-tweet rest, ending exactly where the answer begins
-
-    @property
-    def text(self) -> str:
-        """The full prompt."""
-        return self.prefix + self.suffix
 
 
 @dataclass(frozen=True)

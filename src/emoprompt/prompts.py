@@ -47,8 +47,8 @@ class PromptError(ValueError):
 class PromptParts:
     """A prompt split into the part shared by many tweets and the tweet's own part."""
 
-    prefix: str
-    suffix: str
+    prefix: str  # shared text (system prompt + few-shot turns); may be ""
+    suffix: str  # the tweet's own part, ending exactly where the answer begins
 
     @property
     def text(self) -> str:
