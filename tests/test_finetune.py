@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from emoprompt.data import read_split, write_split
 from emoprompt.engine import Engine
@@ -41,7 +42,6 @@ from emoprompt.models import load_model
 from emoprompt.prompts import load_prompt_file, render_plain
 from emoprompt.strategies import STRATEGIES, Settings, run_llm_strategy
 
-REPO = Path(__file__).resolve().parents[1]
 FINETUNED_PROMPT = REPO / "prompts" / "finetuned.yaml"
 ZERO_SHOT_PROMPT = REPO / "prompts" / "zero_shot.yaml"
 CPU = {"dtype": "float32", "quantization": "none", "allow_fallback": False}

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .files import write_json
 from .labels import LABELS
 from .parsing import parse_label
 from .prompts import PromptFile, chat_messages, load_prompt_file
@@ -466,8 +467,6 @@ def default_plan(batch_size: int = 16) -> list[Case]:
 
 
 def write_predictions(path: str | os.PathLike[str], predictions: pd.DataFrame) -> None:
-    from .files import write_json
-
     write_json(path, predictions.to_dict(orient="list"))
 
 
@@ -514,8 +513,6 @@ def run_case(
     row["same_predictions"] = None
     if not case.is_reference and reference.exists():
         row.update(compare(predictions, read_predictions(reference), case.method))
-    from .files import write_json
-
     write_json(out / f"{case.key}.json", row)
     return row
 
