@@ -84,6 +84,17 @@ def tiny(request) -> tuple[Any, Any]:
     return request.getfixturevalue(f"tiny_{request.param}")
 
 
+@pytest.fixture(params=["shared", "per-row"])
+def prefix_layout(request, monkeypatch) -> str:
+    """Both ways a batch holds its shared prefix: once for all rows (with the shared-prefix
+    attention) or copied into each row's keys; the engine picks by the prefix's length."""
+    import emoprompt.engine
+
+    ratio = 0 if request.param == "shared" else 10**9
+    monkeypatch.setattr(emoprompt.engine, "SHARED_PREFIX_MIN_RATIO", ratio)
+    return request.param
+
+
 def chat_prompts(tokenizer, systems=SYSTEMS, tweets=TWEETS) -> list[PromptParts]:
     """Chat prompts split before the user turn; suffixes of different lengths."""
     prompts = []
@@ -200,7 +211,7 @@ def test_labels_sharing_a_first_token_are_refused(tiny_llama3):
 
 
 # ----------------------------------------------------------------------------- scores
-def test_first_token_probs_equal_the_plain_computation(tiny):
+def test_first_token_probs_equal_the_plain_computation(tiny, prefix_layout):
     model, tokenizer = tiny
     prompts = mixed_prompts(tokenizer)
     expected = naive_first_token_probs(model, tokenizer, prompts, LABELS)
@@ -228,7 +239,7 @@ def test_first_token_probs_equal_the_plain_computation(tiny):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_label_logprobs_equal_the_plain_computation(tiny, normalize):
+def test_label_logprobs_equal_the_plain_computation(tiny, normalize, prefix_layout):
     model, tokenizer = tiny
     prompts = mixed_prompts(tokenizer)
     engine = Engine(model, tokenizer, batch_size=4, progress=False)
@@ -335,7 +346,7 @@ def test_bos_is_added_once(tiny_llama3):
 
 # ----------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("reuse_prefix", [True, False])
-def test_greedy_generation_equals_model_generate_on_each_prompt(tiny, reuse_prefix):
+def test_greedy_generation_equals_model_generate_on_each_prompt(tiny, reuse_prefix, prefix_layout):
     model, tokenizer = tiny
     prompts = mixed_prompts(tokenizer)
     engine = Engine(model, tokenizer, batch_size=4, reuse_prefix=reuse_prefix, progress=False)

@@ -491,9 +491,10 @@ def run_case(
     ``<key>.predictions.json``; compare with the reference's predictions when written."""
     from .data import read_split
     from .models import load_model
-    from .predict import configure_threads
+    from .runtime import configure_cpu
 
-    count = configure_threads(threads, os.cpu_count() or 1)
+    # The notebook's way runs as a plain script would: default allocator settings.
+    count = configure_cpu(threads, os.cpu_count() or 1, keep_memory=case.method != NOTEBOOK)
     loaded = load_model(dict(entry), str(model_dir), device="cpu")
     train = read_split(Path(data_dir) / "train.tsv")
     sample = bench_sample(read_split(Path(data_dir) / "test.tsv"), tweets)

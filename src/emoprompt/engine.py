@@ -71,6 +71,13 @@ from tqdm.auto import tqdm
 from .attention import IMPLEMENTATION as SHARED_PREFIX_ATTENTION
 from .attention import SharedPrefixLayer, shared_prefix
 from .attention import register as register_attention
+from .last_position import (
+    head_columns,
+    last_layer,
+    last_position_only,
+    narrowing_agrees,
+    output_head,
+)
 from .prompts import PromptParts
 
 __all__ = ["Engine", "Generation", "LabelCollisionError", "PromptParts"]
@@ -86,6 +93,10 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 # Prompts given without a usable prefix share their common first tokens through the
 # cache only when there are at least this many (else an extra forward pass is wasted).
 MIN_SHARED_START = 8
+# A batch attends to its shared prefix once for all rows (emoprompt.attention) when the
+# prefix has at least this many times the rows' own tokens; a shorter one is cheaper as
+# part of each row's keys (one attention call instead of two and their merge).
+SHARED_PREFIX_MIN_RATIO = 3
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,7 @@ class _Batch:
     """The state of a batch after its prompts have been fed."""
 
     items: list[_Item]
-    last_logits: torch.Tensor  # (B, V) next-token logits after each prompt
+    last_logits: torch.Tensor  # (B, V) next-token logits after each prompt (or B, columns)
     cache: object  # the model's Cache, holding prefix + suffixes
     mask: torch.Tensor  # (B, cached length) 1 for real tokens, 0 for padding
     next_pos: torch.Tensor  # (B,) position of the next token of each row
@@ -242,6 +253,20 @@ class Engine:
         )
         self._tail_ok: bool | None = None  # verified once: labels tokenised after the tail
         self._newline_ids: dict[int, bool] = {}
+        # Passes that keep the last position's logits only run the last layer's output
+        # projection and MLP for that position, and first-token scores compute the label
+        # tokens' logits only (emoprompt.last_position), once checked on this model.
+        self._head = output_head(model)
+        self._last_layer = last_layer(model)
+        if self._last_layer is not None and not self._narrowing_checked(model):
+            log.warning("last-position narrowing changes this model's logits; not used")
+            self._last_layer = None
+
+    def _narrowing_checked(self, model) -> bool:
+        ids = self._with_bos(self._encode(["Hola, ¿qué tal estás hoy?"])[0])
+        return narrowing_agrees(
+            model, self._last_layer, self._head, torch.tensor([ids], device=self.device)
+        )
 
     # ------------------------------------------------------------------ tokenisation
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -500,7 +525,9 @@ class Engine:
         return batches[::-1]
 
     # ------------------------------------------------------------------ model calls
-    def _forward(self, input_ids, mask, positions, cache, *, keep_last: bool):
+    def _forward(self, input_ids, mask, positions, cache, *, keep_last: bool, columns=None):
+        """One forward pass: the logits of the last position (``keep_last``) or of all
+        positions, over the vocabulary or over the token ids ``columns``; and the cache."""
         kwargs = {
             "input_ids": input_ids,
             "attention_mask": mask,
@@ -515,9 +542,16 @@ class Engine:
                 stack.enter_context(_env(TRANSFORMERS_SDPA_FORCE_GQA="1"))
             if self._shared_attention and cache is not None:
                 stack.enter_context(shared_prefix(cache))
+            if keep_last and self._last_layer is not None and input_ids.shape[1] > 1:
+                stack.enter_context(last_position_only(self._last_layer))
+            narrowed_head = columns is not None and self._head is not None
+            if narrowed_head:
+                stack.enter_context(head_columns(self._head, columns))
             out = self.model(**kwargs)
         self.stats["forward_passes"] += 1
         logits = out.logits[:, -1] if keep_last else out.logits
+        if columns is not None and not narrowed_head:
+            logits = logits[..., columns]
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = getattr(out, "past_key_values", None)
@@ -531,21 +565,24 @@ class Engine:
         self.stats["tokens_in"] += len(prefix_ids)
         return cache
 
-    def _expand_cache(self, cache, rows: int):
+    def _expand_cache(self, cache, rows: int, width: int):
         """A cache for ``rows`` rows that starts as ``cache`` (one row) and leaves it intact.
 
         Plain dynamic layers become shared-prefix layers (one copy for all rows) under
-        the shared-prefix attention, else a broadcast view (the forward concatenates
-        new keys into fresh tensors, never writing into the view); other layer kinds
-        are copied.
+        the shared-prefix attention when the prefix is long next to the rows' own
+        ``width`` tokens, else a broadcast view (the forward concatenates new keys into
+        fresh tensors, never writing into the view); other layer kinds are copied.
         """
+        shared = (
+            self._shared_attention and cache.get_seq_length() >= SHARED_PREFIX_MIN_RATIO * width
+        )
         from transformers.cache_utils import DynamicLayer
 
         new = copy.copy(cache)
         new.layers = []
         for layer in cache.layers:
             plain = type(layer) is DynamicLayer and layer.is_initialized
-            if plain and self._shared_attention:
+            if plain and shared:
                 new.layers.append(SharedPrefixLayer(layer.keys, layer.values, rows))
             elif plain:
                 view = copy.copy(layer)
@@ -558,7 +595,9 @@ class Engine:
                 new.layers.append(layer)
         return new
 
-    def _prefill(self, prefix_ids: list[int], prefix_cache, items: list[_Item]) -> _Batch:
+    def _prefill(
+        self, prefix_ids: list[int], prefix_cache, items: list[_Item], columns=None
+    ) -> _Batch:
         rows, width, plen = (
             len(items),
             max(len(it.ids) for it in items),
@@ -571,24 +610,30 @@ class Engine:
             smask[r, width - len(it.ids) :] = 1
         positions = (plen + smask.cumsum(-1) - 1).masked_fill(smask == 0, 1)
         mask = torch.cat([torch.ones((rows, plen), dtype=torch.long), smask], dim=1)
-        cache = self._expand_cache(prefix_cache, rows) if prefix_ids else None
+        cache = self._expand_cache(prefix_cache, rows, width) if prefix_ids else None
         ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
-        logits, cache = self._forward(ids, mask, positions, cache, keep_last=True)
+        logits, cache = self._forward(ids, mask, positions, cache, keep_last=True, columns=columns)
         self.stats["tokens_in"] += int(smask.sum())
         next_pos = torch.tensor([plen + len(it.ids) for it in items], device=self.device)
         return _Batch(items, logits, cache, mask, next_pos)
 
     def _run(
-        self, prompts: Sequence[PromptParts], desc: str, extra: int = 0, passes: int = 1
+        self,
+        prompts: Sequence[PromptParts],
+        desc: str,
+        extra: int = 0,
+        passes: int = 1,
+        columns: torch.Tensor | None = None,
     ) -> Iterator[_Batch]:
-        """Feed the prompts batch by batch (grouped by prefix) and yield each batch's state."""
+        """Feed the prompts batch by batch (grouped by prefix) and yield each batch's state
+        (its last logits over the token ids ``columns`` only, when given)."""
         groups = self._plan(prompts)
         self.stats["prompts"] += len(prompts)
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.progress) as bar:
             for group in groups:
                 prefix_cache = self._prefix_cache(group.prefix_ids) if group.prefix_ids else None
                 for items in self._batches_of(group, extra, passes):
-                    yield self._prefill(group.prefix_ids, prefix_cache, items)
+                    yield self._prefill(group.prefix_ids, prefix_cache, items, columns)
                     bar.update(len(items))
                 del prefix_cache
 
@@ -606,9 +651,16 @@ class Engine:
         firsts = [[s[0] for s in row] for row in seqs]
         for row in {tuple(f) for f in firsts}:
             self._check_collisions(labels, row)
+        # Only the label tokens' logits are computed: ``columns`` holds their ids.
+        vocab = sorted({t for row in firsts for t in row})
+        column_of = {t: i for i, t in enumerate(vocab)}
+        columns = torch.tensor(vocab, device=self.device)
         out = np.zeros((len(prompts), len(labels)), dtype=np.float64)
-        for batch in self._run(prompts, "first-token scores"):
-            index = torch.tensor([firsts[it.index] for it in batch.items], device=self.device)
+        for batch in self._run(prompts, "first-token scores", columns=columns):
+            index = torch.tensor(
+                [[column_of[t] for t in firsts[it.index]] for it in batch.items],
+                device=self.device,
+            )
             chosen = batch.last_logits.float().gather(1, index)
             probs = torch.softmax(chosen, dim=-1).cpu().double().numpy()
             out[[it.index for it in batch.items]] = probs

@@ -655,12 +655,12 @@ def train(job: TrainingJob) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .data import read_split
+    from .runtime import configure_cpu
 
     settings = FinetuneSettings.from_mapping(job.settings)
     started_wall, started_cpu = time.time(), time.process_time()
-    threads = job.threads if settings.threads == "auto" else settings.threads
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
+    if settings.threads != "auto" or job.threads:
+        configure_cpu(settings.threads, job.threads or 1)
     out_dir = Path(job.out_dir)
     ckpt_dir = Path(job.checkpoint_dir or f"{out_dir}.checkpoints")
 

@@ -7,10 +7,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from .data import read_split
 from .prompts import load_prompt_file
+from .runtime import configure_cpu
 from .strategies import STRATEGIES, Result, Settings, run_baseline, run_llm_strategy, write_result
 
 log = logging.getLogger(__name__)
@@ -19,14 +18,6 @@ log = logging.getLogger(__name__)
 def auto_batch_size(device: str) -> int:
     """Prompts per forward pass: larger on an accelerator, 16 on a CPU (little gain beyond)."""
     return 32 if device.startswith("cuda") else 16
-
-
-def configure_threads(threads: int | str, job_threads: int) -> int:
-    """Set torch's CPU threads from the setting ("auto": the job's threads)."""
-    count = job_threads if threads == "auto" else int(threads)
-    count = max(1, count)
-    torch.set_num_threads(count)
-    return count
 
 
 def settings_from_config(settings: Mapping[str, Any]) -> Settings:
@@ -63,7 +54,7 @@ def run_prediction(
 
     strategy = STRATEGIES[strategy_name]
     engine_settings = settings.get("engine") or {}
-    threads = configure_threads(engine_settings.get("threads", "auto"), job_threads)
+    threads = configure_cpu(engine_settings.get("threads", "auto"), job_threads)
     prompt = load_prompt_file(prompt_path, strategy.family)
     if settings.get("fewshot_seed") is not None and strategy.family == "few_shot":
         # A study grid's few-shot seed replaces the prompt file's.
