@@ -12,9 +12,12 @@ loaded by the caller):
 Speed comes from reusing the KV cache of the text that many prompts share
 (:attr:`PromptParts.prefix`: the system prompt and the few-shot turns): it is encoded
 once per call, and every batch feeds only the per-tweet suffixes on top of it. On a
-CPU with SDPA attention the batch keeps one copy of that prefix for all its rows and
-attends to it once for all of them (:mod:`emoprompt.attention`); elsewhere each row
-gets a broadcast view of it. Left-padded suffixes after a shared prefix leave pad
+CPU with SDPA attention a batch keeps one copy of a long prefix (at least
+``SHARED_PREFIX_MIN_RATIO`` times the suffixes) for all its rows and attends to it once
+for all of them (:mod:`emoprompt.attention`); otherwise each row gets a broadcast view
+of it. Passes that need the last position's logits only skip the rest of the last
+layer's work, and first-token scores compute only the label tokens' logits
+(:mod:`emoprompt.last_position`). Left-padded suffixes after a shared prefix leave pad
 gaps in the middle of each row; the attention mask ``[prefix ones | suffix mask]`` and
 explicit ``position_ids`` (counting real tokens only) make every row compute exactly
 what it would alone.
@@ -507,12 +510,13 @@ class Engine:
         items = sorted(group.items, key=lambda it: -len(it.ids))
         lens = [len(it.ids) for it in items]
         plen, overhead = len(group.prefix_ids), self.pass_cost_tokens * passes
-        per_row = 0 if self._shared_attention else plen  # cached prefix tokens per row
         best = [0.0] + [float("inf")] * len(items)
         start_of = [0] * (len(items) + 1)
         for end in range(1, len(items) + 1):
             for start in range(end - 1, max(-1, end - self.batch_size - 1), -1):
                 rows = end - start
+                # cached prefix tokens per row: none when the rows share one copy
+                per_row = 0 if self._shares_prefix(plen, lens[start]) else plen
                 if rows > 1 and rows * (per_row + lens[start] + extra) > self.max_batch_tokens:
                     break
                 cost = best[start] + rows * lens[start] + overhead
@@ -565,6 +569,11 @@ class Engine:
         self.stats["tokens_in"] += len(prefix_ids)
         return cache
 
+    def _shares_prefix(self, prefix: int, width: int) -> bool:
+        """Whether a batch of rows of ``width`` tokens after a ``prefix``-token prefix
+        holds that prefix once for all rows (else a copy per row)."""
+        return self._shared_attention and prefix >= SHARED_PREFIX_MIN_RATIO * width
+
     def _expand_cache(self, cache, rows: int, width: int):
         """A cache for ``rows`` rows that starts as ``cache`` (one row) and leaves it intact.
 
@@ -573,11 +582,9 @@ class Engine:
         ``width`` tokens, else a broadcast view (the forward concatenates new keys into
         fresh tensors, never writing into the view); other layer kinds are copied.
         """
-        shared = (
-            self._shared_attention and cache.get_seq_length() >= SHARED_PREFIX_MIN_RATIO * width
-        )
         from transformers.cache_utils import DynamicLayer
 
+        shared = self._shares_prefix(cache.get_seq_length(), width)
         new = copy.copy(cache)
         new.layers = []
         for layer in cache.layers:
