@@ -261,14 +261,14 @@ class Engine:
         # tokens' logits only (emoprompt.last_position), once checked on this model.
         self._head = output_head(model)
         self._last_layer = last_layer(model)
-        if self._last_layer is not None and not self._narrowing_checked(model):
+        if self._last_layer is not None and not self._narrowing_checked():
             log.warning("last-position narrowing changes this model's logits; not used")
             self._last_layer = None
 
-    def _narrowing_checked(self, model) -> bool:
+    def _narrowing_checked(self) -> bool:
         ids = self._with_bos(self._encode(["Hola, ¿qué tal estás hoy?"])[0])
         return narrowing_agrees(
-            model, self._last_layer, self._head, torch.tensor([ids], device=self.device)
+            self.model, self._last_layer, self._head, torch.tensor([ids], device=self.device)
         )
 
     # ------------------------------------------------------------------ tokenisation

@@ -659,8 +659,9 @@ def train(job: TrainingJob) -> dict[str, Any]:
 
     settings = FinetuneSettings.from_mapping(job.settings)
     started_wall, started_cpu = time.time(), time.process_time()
-    if settings.threads != "auto" or job.threads:
-        configure_cpu(settings.threads, job.threads or 1)
+    threads = job.threads if settings.threads == "auto" else settings.threads
+    if threads:  # else torch's default
+        configure_cpu(threads, int(threads))
     out_dir = Path(job.out_dir)
     ckpt_dir = Path(job.checkpoint_dir or f"{out_dir}.checkpoints")
 
