@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 NOTEBOOK = "notebook_generate"
 BENCH_TWEETS = 100
 BENCH_SEED = 0
+WARMUP_TWEETS = 4  # fed untimed before a case's timed passes
 METHODS = (NOTEBOOK, *(n for n, s in STRATEGIES.items() if s.family in ("zero_shot", "few_shot")))
 
 
@@ -178,7 +179,7 @@ def measure(
     train: pd.DataFrame,
     sample: pd.DataFrame,
     settings: Settings | None = None,
-    warmup: int = 4,
+    warmup: int = WARMUP_TWEETS,
     repeats: int | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Run ``case`` over ``sample`` ``repeats`` times, timed, after an untimed warm-up on
@@ -417,10 +418,10 @@ def describe_run(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], day
         f"{info['memory_gib']} GiB; Python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']}. Model {first.get('model')}, "
         f"{first.get('dtype')}, {first.get('threads')} torch threads; {first.get('tweets')} "
-        "test tweets (`random.Random(0).sample(range(844), 100)`). One process per "
-        "measurement, after an untimed 4-tweet warm-up; tweets/s is the median of 3 timed "
-        "passes for the fast paths, one pass for the slow ones (the notebook's way, the "
-        "references, batches without the prefix cache)."
+        f"test tweets (`random.Random({BENCH_SEED}).sample` of the test split's rows). One "
+        f"process per measurement, after an untimed {WARMUP_TWEETS}-tweet warm-up; tweets/s "
+        "is the median of 3 timed passes for the fast paths, one pass for the slow ones (the "
+        "notebook's way, the references, batches without the prefix cache)."
     )
 
 
