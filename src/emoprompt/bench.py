@@ -156,6 +156,9 @@ def _run_once(case, model, tokenizer, prompt, train, sample, settings) -> tuple[
         tokenizer,
         batch_size=case.batch_size,
         reuse_prefix=case.prefix_cache,
+        # The reference computes with PyTorch's own linear layers, so that the fast
+        # paths' agreement with it covers the packed weights too.
+        packed_weights=not case.is_reference,
         progress=True,
     )
     result = run_llm_strategy(

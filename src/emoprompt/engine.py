@@ -63,14 +63,16 @@ import inspect
 import logging
 import os
 import re
+import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .agreement import logits_agree
 from .attention import IMPLEMENTATION as SHARED_PREFIX_ATTENTION
 from .attention import SharedPrefixLayer, shared_prefix
 from .attention import register as register_attention
@@ -81,6 +83,7 @@ from .last_position import (
     narrowing_agrees,
     output_head,
 )
+from .packed_linear import PackedLinears
 from .prompts import PromptParts
 
 __all__ = ["Engine", "Generation", "LabelCollisionError", "PromptParts"]
@@ -100,6 +103,9 @@ MIN_SHARED_START = 8
 # prefix has at least this many times the rows' own tokens; a shorter one is cheaper as
 # part of each row's keys (one attention call instead of two and their merge).
 SHARED_PREFIX_MIN_RATIO = 3
+# Per model, whether each of the engine's ways of computing agrees with the plain
+# forward pass (Engine._agrees): checked once, for every engine built on the model.
+_AGREEMENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,8 @@ class Engine:
     model is put in eval mode; everything runs under ``torch.inference_mode`` on the
     model's device. ``reuse_prefix=False`` feeds full prompts (same batching): the
     reference path. ``max_batch_tokens`` bounds rows x cached length per batch.
+    ``packed_weights`` lets float32 linear layers on a CPU run through oneDNN with
+    weights packed once (:mod:`emoprompt.packed_linear`; one more copy of them in memory).
     """
 
     def __init__(
@@ -184,6 +192,7 @@ class Engine:
         reuse_prefix: bool = True,
         progress: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        packed_weights: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -261,15 +270,44 @@ class Engine:
         # tokens' logits only (emoprompt.last_position), once checked on this model.
         self._head = output_head(model)
         self._last_layer = last_layer(model)
-        if self._last_layer is not None and not self._narrowing_checked():
+        if self._last_layer is not None and not self._agrees(
+            "narrowing",
+            lambda ids: narrowing_agrees(model, self._last_layer, self._head, ids),
+        ):
             log.warning("last-position narrowing changes this model's logits; not used")
             self._last_layer = None
+        # Float32 linear layers on a CPU compute through oneDNN with weights packed once
+        # (emoprompt.packed_linear); the LM head stays plain (first-token scores narrow
+        # it to the label columns, and it is often the input embedding's twin).
+        self._packed = None
+        if packed_weights and self.device.type == "cpu":
+            self._packed = PackedLinears.of(model, exclude=[self._head] if self._head else [])
+        if self._packed is not None and not self._agrees(
+            "packed weights", lambda ids: logits_agree(model, ids, self._packed.active)
+        ):
+            log.warning("oneDNN-packed linear layers change this model's logits; not used")
+            self._packed = None
+        if self._packed is not None:
+            log.info(
+                "%d linear layers run through oneDNN with packed weights (%.0f MiB)",
+                len(self._packed.modules),
+                self._packed.nbytes / 2**20,
+            )
 
-    def _narrowing_checked(self) -> bool:
-        ids = self._with_bos(self._encode(["Hola, ¿qué tal estás hoy?"])[0])
-        return narrowing_agrees(
-            self.model, self._last_layer, self._head, torch.tensor([ids], device=self.device)
-        )
+    def _agrees(self, name: str, check: Callable[[torch.Tensor], bool]) -> bool:
+        """``check(input_ids)`` on a short input, once per model and ``name``: whether a
+        way of computing gives the plain forward pass's logits (it depends on the model's
+        layers and kernels, not on its weights)."""
+        results = _AGREEMENT.setdefault(self.model, {})
+        if name not in results:
+            ids = self._with_bos(self._encode(["Hola, ¿qué tal estás hoy?"])[0])
+            results[name] = check(torch.tensor([ids], device=self.device))
+        return results[name]
+
+    @property
+    def packed_weights(self) -> bool:
+        """Whether linear layers run through oneDNN with packed weights."""
+        return self._packed is not None
 
     # ------------------------------------------------------------------ tokenisation
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -546,6 +584,8 @@ class Engine:
                 stack.enter_context(_env(TRANSFORMERS_SDPA_FORCE_GQA="1"))
             if self._shared_attention and cache is not None:
                 stack.enter_context(shared_prefix(cache))
+            if self._packed is not None:
+                stack.enter_context(self._packed.active())
             if keep_last and self._last_layer is not None and input_ids.shape[1] > 1:
                 stack.enter_context(last_position_only(self._last_layer))
             narrowed_head = columns is not None and self._head is not None

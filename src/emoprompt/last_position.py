@@ -28,6 +28,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from .agreement import logits_agree
+
 # Decoder layers of these layouts have a norm of their own around the MLP's input or
 # output that the narrowing does not account for: never narrowed.
 _UNSUPPORTED_PARTS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -105,16 +107,12 @@ def narrowing_agrees(
     ``input_ids`` (one row of a few tokens), within ``tolerance`` (relative to the
     logits' scale)."""
     columns = torch.arange(8, device=input_ids.device)
-    with torch.inference_mode():
-        plain = model(input_ids=input_ids, use_cache=False).logits[:, -1, columns]
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(last_position_only(layer))
-            if head is not None:
-                stack.enter_context(head_columns(head, columns))
-            narrowed = model(input_ids=input_ids, use_cache=False).logits[:, -1]
-    if head is None:
-        narrowed = narrowed[:, columns]
-    scale = plain.abs().max().clamp(min=1.0)
-    return narrowed.shape == plain.shape and bool(
-        ((narrowed - plain).abs().max() / scale) <= tolerance
-    )
+
+    def narrowed() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(last_position_only(layer))
+        if head is not None:
+            stack.enter_context(head_columns(head, columns))
+        return stack
+
+    return logits_agree(model, input_ids, narrowed, columns, tolerance)

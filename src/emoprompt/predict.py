@@ -83,6 +83,7 @@ def run_prediction(
         loaded.tokenizer,
         batch_size=batch_size,
         reuse_prefix=engine_settings.get("reuse_prefix", True),
+        packed_weights=engine_settings.get("packed_weights", True),
     )
     run_settings = settings_from_config(settings)
     run_settings.chat_template_kwargs = dict(entry.get("chat_template_kwargs") or {})
@@ -94,6 +95,7 @@ def run_prediction(
         **{k: v for k, v in loaded.info.items() if k != "name"},
         "batch_size": batch_size,
         "threads": threads,
+        "packed_weights": engine.packed_weights,
         "engine_stats": dict(engine.stats),
         **result.metadata,
     }
