@@ -17,10 +17,12 @@ CPU with SDPA attention a batch keeps one copy of a long prefix (at least
 for all of them (:mod:`emoprompt.attention`); otherwise each row gets a broadcast view
 of it. Passes that need the last position's logits only skip the rest of the last
 layer's work, and first-token scores compute only the label tokens' logits
-(:mod:`emoprompt.last_position`). Left-padded suffixes after a shared prefix leave pad
-gaps in the middle of each row; the attention mask ``[prefix ones | suffix mask]`` and
-explicit ``position_ids`` (counting real tokens only) make every row compute exactly
-what it would alone.
+(:mod:`emoprompt.last_position`). On a CPU, float32 linear layers compute through
+oneDNN with weights packed once per engine (:mod:`emoprompt.packed_linear`). Each of
+these two is checked once per model against the plain forward pass before it is used.
+Left-padded suffixes after a shared prefix leave pad gaps in the middle of each row;
+the attention mask ``[prefix ones | suffix mask]`` and explicit ``position_ids``
+(counting real tokens only) make every row compute exactly what it would alone.
 
 Tokenisation. Prompts are encoded with ``add_special_tokens=False``: chat templates
 already write the BOS text (``<|begin_of_text|>``...), so letting the tokenizer add
