@@ -77,7 +77,7 @@ class PackedLinears:
     @property
     def nbytes(self) -> int:
         """Memory the packed copies hold (about the layers' weights)."""
-        return sum(m.weight.numel() * m.weight.element_size() for m in self.modules)
+        return _weight_bytes(self.modules)
 
     @classmethod
     def of(
@@ -96,7 +96,7 @@ class PackedLinears:
         ]
         if not modules:
             return None
-        size = sum(m.weight.numel() * m.weight.element_size() for m in modules)
+        size = _weight_bytes(modules)
         free = available_memory()
         if free is not None and size > MEMORY_SHARE * free:
             log.info(
@@ -147,3 +147,7 @@ class PackedLinears:
 
 def _packable(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+
+
+def _weight_bytes(modules: Iterable[torch.nn.Linear]) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in modules)
