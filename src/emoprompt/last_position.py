@@ -109,10 +109,10 @@ def narrowing_agrees(
     columns = torch.arange(8, device=input_ids.device)
 
     def narrowed() -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(last_position_only(layer))
-        if head is not None:
-            stack.enter_context(head_columns(head, columns))
-        return stack
+        with contextlib.ExitStack() as stack:  # undone if entering the second one fails
+            stack.enter_context(last_position_only(layer))
+            if head is not None:
+                stack.enter_context(head_columns(head, columns))
+            return stack.pop_all()
 
     return logits_agree(model, input_ids, narrowed, columns, tolerance)
