@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 IMPLEMENTATION = "emoprompt_shared_prefix"
-_CACHE: contextvars.ContextVar[Any] = contextvars.ContextVar("shared_prefix_cache", default=None)
+_PASS: contextvars.ContextVar[Any] = contextvars.ContextVar("shared_prefix_pass", default=None)
+_LAST_QUERY: contextvars.ContextVar[tuple] = contextvars.ContextVar("last_query", default=())
 
 
 class SharedPrefixLayer(DynamicLayer):
@@ -64,14 +67,36 @@ class SharedPrefixLayer(DynamicLayer):
         raise NotImplementedError("a shared-prefix cache is built for its rows")
 
 
+@dataclass
+class _Pass:
+    """What the layers of one forward pass share: the cache, and the own part of the
+    attention mask as the grouped layout needs it (the same for every layer)."""
+
+    cache: Any
+    masks: dict[tuple, tuple] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
 def shared_prefix(cache: Any) -> Iterator[None]:
     """Within the block, attention reads shared prefixes from ``cache``'s layers."""
-    token = _CACHE.set(cache)
+    token = _PASS.set(_Pass(cache))
     try:
         yield
     finally:
-        _CACHE.reset(token)
+        _PASS.reset(token)
+
+
+@contextlib.contextmanager
+def last_query_only(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the attention ``module`` (a decoder layer's ``self_attn``)
+    computes its last query position only when it runs through
+    :func:`shared_prefix_attention`; every position's output is then the last one's,
+    so only the last may be read."""
+    token = _LAST_QUERY.set((*_LAST_QUERY.get(), module))
+    try:
+        yield
+    finally:
+        _LAST_QUERY.reset(token)
 
 
 def shared_prefix_attention(
@@ -88,60 +113,111 @@ def shared_prefix_attention(
     ``value`` (B, Hkv, K, D), only the rows' own positions when the layer's cache is a
     :class:`SharedPrefixLayer`; ``attention_mask`` boolean (True: may attend) or
     additive, over prefix + own positions. Returns the output as (B, Q, H, D)."""
+    q_len = query.shape[2]
+    if q_len > 1 and any(m is module for m in _LAST_QUERY.get()):
+        if attention_mask is not None and attention_mask.shape[-2] > 1:
+            attention_mask = attention_mask[..., -1:, :]
+        out, weights = _attention(
+            module, query[:, :, -1:], key, value, attention_mask, dropout, scaling, **kwargs
+        )
+        return out.expand(-1, q_len, -1, -1), weights
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cache = _CACHE.get()
+    state = _PASS.get()
     index = getattr(module, "layer_idx", None)
     layer = None
-    if cache is not None and index is not None and index < len(cache.layers):
-        layer = cache.layers[index]
+    if state is not None and index is not None and index < len(state.cache.layers):
+        layer = state.cache.layers[index]
     if not isinstance(layer, SharedPrefixLayer):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
         raise NotImplementedError("shared-prefix attention has no dropout, softcap or bias")
-    length = layer.prefix_length
     rows, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    # Query heads of one key/value head side by side: (B, Hkv, G*Q, D).
+    mask, real = _own_mask(state, attention_mask, layer.prefix_length, groups, query)
+
+    # The shared part: the rows' queries stacked against the one copy of the prefix,
+    # (1, Hkv, N*G, D) x (1, Hkv, P, D), with no mask (all of it is visible). Padding
+    # queries (those that see none of their row's own keys) are left out: nothing reads
+    # their output, and on a long prefix they would cost as much as real ones.
+    by_position = query.view(rows, kv_heads, groups, q_len, dim).permute(1, 0, 3, 2, 4)
+    picked = by_position.reshape(kv_heads, rows * q_len, groups, dim)
+    if real is not None:
+        picked = by_position[:, real]  # (Hkv, N, G, D)
+    count = picked.shape[1]
+    out_pre, lse_pre = flash(
+        picked.reshape(1, kv_heads, count * groups, dim),
+        layer.prefix_keys,
+        layer.prefix_values,
+        scale=scale,
+    )
+    out_pre = out_pre.reshape(kv_heads, count, groups, dim)
+    lse_pre = lse_pre.reshape(kv_heads, count, groups)
+    if real is not None:  # back to every position: padding gets no share of the prefix
+        out_all = out_pre.new_zeros(kv_heads, rows, q_len, groups, dim)
+        lse_all = lse_pre.new_full((kv_heads, rows, q_len, groups), -math.inf)
+        out_all[:, real], lse_all[:, real] = out_pre, lse_pre
+        out_pre, lse_pre = out_all, lse_all
+    # (B, Hkv, G, Q, ...), the layout of the own part's grouped queries.
+    out_pre = out_pre.reshape(kv_heads, rows, q_len, groups, dim).permute(1, 0, 3, 2, 4)
+    lse_pre = lse_pre.reshape(kv_heads, rows, q_len, groups).permute(1, 0, 3, 2)
+
+    # Each row's own positions, with its mask (padding, causality, label trees): the
+    # query heads of one key/value head side by side, (B, Hkv, G*Q, D).
     grouped = query.reshape(rows, kv_heads, groups * q_len, dim)
-
-    # The shared part: every row's queries stacked against the one copy of the prefix,
-    # (1, Hkv, B*G*Q, D) x (1, Hkv, P, D), with no mask (all of it is visible).
-    stacked = grouped.transpose(0, 1).reshape(1, kv_heads, rows * groups * q_len, dim)
-    out_pre, lse_pre = flash(stacked, layer.prefix_keys, layer.prefix_values, scale=scale)
-    out_pre = out_pre.reshape(kv_heads, rows, groups * q_len, dim).transpose(0, 1)
-    lse_pre = lse_pre.reshape(kv_heads, rows, groups * q_len).transpose(0, 1)
-
-    # Each row's own positions, with its mask (padding, causality, label trees).
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask[..., length:].expand(rows, -1, q_len, -1)  # (B, 1|H, Q, S)
-        if mask.shape[1] == 1:
-            mask = mask.repeat(1, 1, groups, 1)
-        mask = mask.reshape(rows, -1, groups * q_len, mask.shape[-1])
-        if mask.dtype == torch.bool:
-            mask_bool = mask
-            # A very negative number, not -inf: a padding query that sees none of its
-            # own keys then gets a finite (and negligible) share instead of NaN.
-            floor = torch.finfo(query.dtype).min
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-            mask = mask.masked_fill_(~mask_bool, floor)
-        else:
-            mask = mask.to(query.dtype)
     out_own, lse_own = flash(grouped, key, value, attn_mask=mask, scale=scale)
+    out_own = out_own.unflatten(2, (groups, q_len))
+    lse_own = lse_own.unflatten(2, (groups, q_len))
 
-    # softmax over [prefix, own] = the two parts weighted by their share of the mass.
+    # softmax over [prefix, own] = the two parts weighted by their share of the mass,
+    # written straight into the (B, Q, H, D) layout the caller returns.
     lse = torch.logaddexp(lse_pre, lse_own)
-    out = out_pre * torch.exp(lse_pre - lse)[..., None] + out_own * torch.exp(lse_own - lse)[
-        ..., None
-    ].to(out_own.dtype)
-    out = out.reshape(rows, heads, q_len, dim).transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
+    out = query.new_empty(rows, q_len, kv_heads, groups, dim)
+    merged = out.permute(0, 2, 3, 1, 4)
+    torch.mul(out_own, torch.exp(lse_own - lse).unsqueeze(-1).to(out_own.dtype), out=merged)
+    merged.addcmul_(out_pre, torch.exp(lse_pre - lse).unsqueeze(-1).to(out_pre.dtype))
+    return out.view(rows, q_len, heads, dim), None
+
+
+def _own_mask(
+    state: _Pass, attention_mask: torch.Tensor | None, length: int, groups: int, query
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The mask of the rows' own positions in the grouped layout, (B, 1|H, G*Q, S),
+    additive; and which (row, query) pairs see at least one own key ((B, Q) boolean),
+    ``None`` when all do. Computed once per forward pass: every layer gets the same mask."""
+    if attention_mask is None:
+        return None, None
+    rows, _, q_len, _ = query.shape
+    memo_key = (id(attention_mask), length, groups, q_len, query.dtype)
+    hit = state.masks.get(memo_key)
+    if hit is not None and hit[0] is attention_mask:
+        return hit[1], hit[2]
+    own = attention_mask[..., length:].expand(rows, -1, q_len, -1)  # (B, 1|H, Q, S)
+    sees = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+    real = sees.any(-1).any(1)  # (B, Q): in any head
+    real = None if bool(real.all()) else real
+    mask = own.repeat(1, 1, groups, 1) if own.shape[1] == 1 else own
+    mask = mask.reshape(rows, -1, groups * q_len, mask.shape[-1])
+    if mask.dtype == torch.bool:
+        # A very negative number, not -inf: a padding query that sees none of its
+        # own keys then gets a finite (and negligible) share instead of NaN.
+        floor = torch.finfo(query.dtype).min
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~mask, floor
+        )
+    else:
+        mask = mask.to(query.dtype)
+    state.masks[memo_key] = (attention_mask, mask, real)
+    return mask, real
 
 
 def register() -> str:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .agreement import logits_agree
+from .attention import last_query_only
 
 # Decoder layers of these layouts have a norm of their own around the MLP's input or
 # output that the narrowing does not account for: never narrowed.
@@ -64,13 +65,15 @@ def _last_of_output(module, args, output):
 @contextlib.contextmanager
 def last_position_only(layer: torch.nn.Module) -> Iterator[None]:
     """Within the block, ``layer`` (from :func:`last_layer`) projects the attention's
-    output and runs its MLP for the last position only."""
+    output and runs its MLP for the last position only; under the engine's attention
+    function its attention, too, computes the last query alone."""
     handles = [
         layer.self_attn.o_proj.register_forward_pre_hook(_last_of_input),
         layer.post_attention_layernorm.register_forward_hook(_last_of_output),
     ]
     try:
-        yield
+        with last_query_only(layer.self_attn):
+            yield
     finally:
         for handle in handles:
             handle.remove()
