@@ -150,8 +150,9 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, **kw
     # queries (those that see none of their row's own keys) are left out: nothing reads
     # their output, and on a long prefix they would cost as much as real ones.
     by_position = query.view(rows, kv_heads, groups, q_len, dim).permute(1, 0, 3, 2, 4)
-    picked = by_position.reshape(kv_heads, rows * q_len, groups, dim)
-    if real is not None:
+    if real is None:
+        picked = by_position.reshape(kv_heads, rows * q_len, groups, dim)
+    else:
         picked = by_position[:, real]  # (Hkv, N, G, D)
     count = picked.shape[1]
     out_pre, lse_pre = flash(
