@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(
             f"    {row['tweets_per_s']:.2f} tweets/s, peak {row['peak_rss_mib']:.0f} MiB, "
-            f"same predictions: {row['same_predictions']} ({time.perf_counter() - start:.0f} s)",
+            f"same predictions: {row['same_predictions']} ({time.perf_counter() - start:.0f} s; "
+            "machine {:.0f} then {:.0f} GFLOP/s)".format(*row["matmul_gflops"]),
             flush=True,
         )
     add_ratios(rows)

@@ -20,6 +20,7 @@ from emoprompt.bench import (
     bench_sample,
     compare,
     default_plan,
+    describe_run,
     render_markdown,
     replace_block,
     run_case,
@@ -123,6 +124,22 @@ def test_report_states_ratios_goals_and_agreement():
     assert "| 20 | 1060 | 4.00 | 0.20 | 0.44 |" in text  # shots scaling: fed tokens, rates
 
 
+def test_header_states_the_machine_speed_when_measured():
+    info = {
+        "cpu": "CPU",
+        "cores": 2,
+        "memory_gib": 8.0,
+        "python": "3.11",
+        "torch": "2",
+        "transformers": "5",
+    }
+    rows = rows_for_report()
+    assert "GFLOP/s" not in describe_run(rows, info, "2026-01-01")
+    rows[0]["matmul_gflops"], rows[3]["matmul_gflops"] = [150.0, 120.4], [81.6, 190.2]
+    header = describe_run(rows, info, "2026-01-01")
+    assert "ranged from 82 to 190 GFLOP/s in this run" in header
+
+
 def test_replace_block_keeps_the_text_around_it():
     doc = "# Benchmarks\n\nintro\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\nnotes\n"
     new = replace_block(doc, "new table")
@@ -152,6 +169,7 @@ def test_fast_paths_equal_the_plain_path_on_real_tweets(smollm2_dir, splits, tmp
     for case in [*(c.reference for c in fast), Case.notebook(), *fast]:
         row = run_case(case, **common)
         assert row["tweets"] == 6 and row["tweets_per_s"] > 0 and row["peak_rss_mib"] > 0
+        assert len(row["matmul_gflops"]) == 2 and min(row["matmul_gflops"]) > 0
         written = json.loads((out / f"{case.key}.json").read_text())
         assert written == json.loads(json.dumps(row))
         if case.is_reference:

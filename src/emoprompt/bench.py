@@ -267,6 +267,31 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+#: The gauge product: SmolLM2's MLP up-projection for a batch of 1,024 tokens.
+GAUGE_SHAPE = (1024, 576, 1536)
+
+
+def matmul_gflops(seconds: float = 0.5) -> float:
+    """This machine's float32 matrix-product speed now, in GFLOP/s, with the torch
+    threads as configured: the :data:`GAUGE_SHAPE` product through PyTorch's default
+    path, repeated for about ``seconds``. A shared machine's speed changes over minutes
+    and days, and batched inference follows it more than the notebook's way does:
+    each measurement records this before and after, so that runs can be compared."""
+    import torch
+
+    rows, inner, cols = GAUGE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, inner, generator=gen), torch.randn(cols, inner, generator=gen)
+    torch.nn.functional.linear(x, w)
+    count, start = 0, time.perf_counter()
+    while True:
+        torch.nn.functional.linear(x, w)
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return round(count * 2 * rows * inner * cols / elapsed / 1e9, 1)
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fill ``ratio_vs_notebook`` from the notebook row's tweets/s (None without one)."""
     base = next((r["tweets_per_s"] for r in rows if r["method"] == NOTEBOOK), None)
@@ -424,7 +449,20 @@ def describe_run(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], day
         f"test tweets (`random.Random({BENCH_SEED}).sample` of the test split's rows). One "
         f"process per measurement, after an untimed {WARMUP_TWEETS}-tweet warm-up; tweets/s "
         "is the median of 3 timed passes for the fast paths, one pass for the slow ones (the "
-        "notebook's way, the references, batches without the prefix cache)."
+        "notebook's way, the references, batches without the prefix cache)." + _machine_speed(rows)
+    )
+
+
+def _machine_speed(rows: Sequence[Mapping[str, Any]]) -> str:
+    speeds = [v for r in rows for v in r.get("matmul_gflops") or ()]
+    if not speeds:
+        return ""
+    rows_, inner, cols = GAUGE_SHAPE
+    return (
+        f" The machine's float32 matrix-product speed ({rows_:,} x {inner} by {inner} x "
+        f"{cols:,}, PyTorch's default path), taken before and after each measurement, ranged "
+        f"from {min(speeds):.0f} to {max(speeds):.0f} GFLOP/s in this run "
+        "(`matmul_gflops` of each row)."
     )
 
 
@@ -503,10 +541,12 @@ def run_case(
     train = read_split(Path(data_dir) / "train.tsv")
     sample = bench_sample(read_split(Path(data_dir) / "test.tsv"), tweets)
     log.info("%s: %d tweets, %d threads", case.key, len(sample), count)
+    before = matmul_gflops()
     row, predictions = measure(
         case, loaded.model, loaded.tokenizer, prompt_dir, train, sample, settings, repeats=repeats
     )
     row.update(
+        matmul_gflops=[before, matmul_gflops()],
         threads=count,
         dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         model=entry.get("name") or Path(model_dir).name,
