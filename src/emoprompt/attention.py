@@ -13,7 +13,9 @@ the cache no longer grows with rows x prefix length.
 The engine registers the function with transformers under :data:`IMPLEMENTATION`,
 builds the batch's cache from :class:`SharedPrefixLayer` and names that cache for the
 duration of a forward pass (:func:`shared_prefix`). Layers of any other kind, and calls
-outside such a pass, go to transformers' SDPA attention unchanged.
+outside such a pass, go to transformers' SDPA attention unchanged. On either path,
+:func:`last_query_only` narrows a layer to its last query, for passes that read the
+last position alone.
 """
 
 from __future__ import annotations
