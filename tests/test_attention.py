@@ -7,13 +7,13 @@ import types
 import pytest
 import torch
 
-from emoprompt.attention import (
+from emoprompt.inference.attention import (
     SharedPrefixLayer,
     last_query_only,
     shared_prefix,
     shared_prefix_attention,
 )
-from emoprompt.engine import Engine
+from emoprompt.inference.engine import Engine
 from emoprompt.labels import LABELS
 
 ROWS, HEADS, KV_HEADS, DIM = 3, 6, 2, 8

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from emoprompt.baseline import predict_proba_frame, train_tfidf_baseline
+from emoprompt.evaluation.baseline import predict_proba_frame, train_tfidf_baseline
 from emoprompt.labels import LABELS, to_spanish
 
 

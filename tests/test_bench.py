@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from emoprompt.bench import (
+from emoprompt.bench.measure import (
     NOTEBOOK,
     BenchError,
     Case,
@@ -26,7 +26,7 @@ from emoprompt.bench import (
     run_case,
     targets,
 )
-from emoprompt.data import prepare, read_split
+from emoprompt.data.splits import prepare, read_split
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emoprompt.data import (
+from emoprompt.data.splits import (
     CANONICAL_COLUMNS,
     DataError,
     SplitFile,

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from emoprompt.devices import claim_device, job_gpu, pinned_gpu, visible_devices
+from emoprompt.infra.devices import claim_device, job_gpu, pinned_gpu, visible_devices
 
 
 def fake_nvidia(tmp_path: Path, count: int) -> Path:
@@ -49,7 +49,7 @@ def test_a_waiting_job_gets_the_device_another_process_releases(tmp_path: Path) 
     locks = tmp_path / "locks"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from emoprompt.devices import claim_device; "
+         "import sys, time; from emoprompt.infra.devices import claim_device; "
          f"held = claim_device(['0'], {str(locks)!r}); print('held', flush=True); time.sleep(1.5)"],
         stdout=subprocess.PIPE, text=True,
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from emoprompt.download import DownloadError, fetch, folder_digest, redact, source_kind
+from emoprompt.data.download import DownloadError, fetch, folder_digest, redact, source_kind
 
 
 class Server:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from emoprompt.engine import Engine, Generation, LabelCollisionError, PromptParts
+from emoprompt.inference.engine import Engine, Generation, LabelCollisionError, PromptParts
 from emoprompt.labels import LABELS
 
 SYSTEMS = [
@@ -69,7 +69,7 @@ def tiny_chatml(smollm2_dir: Path) -> tuple[Any, Any]:
     """SmolLM2's real tokenizer and ChatML template (no BOS added, <|im_end|>)."""
     from transformers import AutoTokenizer
 
-    from emoprompt.models import prepare_tokenizer
+    from emoprompt.models.loading import prepare_tokenizer
 
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir))
     model = random_llama(
@@ -88,10 +88,10 @@ def tiny(request) -> tuple[Any, Any]:
 def prefix_layout(request, monkeypatch) -> str:
     """Both ways a batch holds its shared prefix: once for all rows (with the shared-prefix
     attention) or copied into each row's keys; the engine picks by the prefix's length."""
-    import emoprompt.engine
+    import emoprompt.inference.engine
 
     ratio = 0 if request.param == "shared" else 10**9
-    monkeypatch.setattr(emoprompt.engine, "SHARED_PREFIX_MIN_RATIO", ratio)
+    monkeypatch.setattr(emoprompt.inference.engine, "SHARED_PREFIX_MIN_RATIO", ratio)
     return request.param
 
 
@@ -311,7 +311,7 @@ def test_a_split_inside_a_word_falls_back_to_the_whole_prompt(tiny_chatml, caplo
     bad = [PromptParts(p.text[:cut], p.text[cut:]) for p in good[:3]]
     prompts = [*good, *bad]
     engine = Engine(model, tokenizer, batch_size=4, progress=False)
-    with caplog.at_level(logging.WARNING, logger="emoprompt.engine"):
+    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.engine"):
         probs = engine.first_token_probs(prompts, LABELS)
         logprobs = engine.label_logprobs(prompts, LABELS)
     assert engine.stats["fallbacks"] == 6  # three prompts, two calls

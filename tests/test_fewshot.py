@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from emoprompt import fewshot
-from emoprompt.fewshot import (
+from emoprompt.labels import LABELS, to_spanish
+from emoprompt.prompting import fewshot
+from emoprompt.prompting.fewshot import (
     SELECTORS,
     Selector,
     ShotPlan,
@@ -17,7 +18,6 @@ from emoprompt.fewshot import (
     select_shots,
     shots_frame,
 )
-from emoprompt.labels import LABELS, to_spanish
 
 
 def read_split(path: Path) -> pd.DataFrame:

@@ -19,9 +19,13 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from emoprompt.data import read_split, write_split
-from emoprompt.engine import Engine
-from emoprompt.finetune import (
+from emoprompt.data.splits import read_split, write_split
+from emoprompt.evaluation.strategies import STRATEGIES, Settings, run_llm_strategy
+from emoprompt.inference.engine import Engine
+from emoprompt.labels import LABELS
+from emoprompt.models.loading import load_model
+from emoprompt.prompting.render import load_prompt_file, render_plain
+from emoprompt.training.job import (
     IGNORE,
     TRAIN_IDS_FILE,
     TRAINING_CONFIG,
@@ -37,10 +41,6 @@ from emoprompt.finetune import (
     plan_batches,
     select_training_set,
 )
-from emoprompt.labels import LABELS
-from emoprompt.models import load_model
-from emoprompt.prompts import load_prompt_file, render_plain
-from emoprompt.strategies import STRATEGIES, Settings, run_llm_strategy
 
 FINETUNED_PROMPT = REPO / "prompts" / "finetuned.yaml"
 ZERO_SHOT_PROMPT = REPO / "prompts" / "zero_shot.yaml"
@@ -200,7 +200,7 @@ def _job(tmp_path: Path, tiny_llama_dir: Path, **settings) -> Path:
 def _start(job: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.Popen(
-        [sys.executable, "-m", "emoprompt.finetune", str(job), "--log", str(log)],
+        [sys.executable, "-m", "emoprompt.training.job", str(job), "--log", str(log)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from conftest import REPO, run_snakemake
 
-from emoprompt.data import read_split
-from emoprompt.grid import grid_markdown, grid_table, write_grid_outputs
+from emoprompt.data.splits import read_split
+from emoprompt.evaluation.strategies import Result, score_columns, write_result
 from emoprompt.labels import LABELS
-from emoprompt.strategies import Result, score_columns, write_result
+from emoprompt.reporting.grid import grid_markdown, grid_table, write_grid_outputs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 MODEL = "smol"
@@ -179,7 +179,7 @@ def test_a_two_by_two_grid_gives_the_mean_std_table_the_figure_and_one_run_per_s
 
 @pytest.mark.slow
 def test_the_few_shot_seed_of_a_grid_changes_the_shots(tmp_path: Path, tiny_llama_dir: Path):
-    from emoprompt.predict import run_prediction
+    from emoprompt.evaluation.job import run_prediction
 
     rng = np.random.default_rng(0)
     rows = [{"id": f"t{i}", "event": "e", "tweet": f"tuit número {i}", "offensive": "NO",

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from emoprompt.engine import Engine
-from emoprompt.labels import LABELS
-from emoprompt.last_position import (
+from emoprompt.inference.engine import Engine
+from emoprompt.inference.last_position import (
     head_columns,
     last_layer,
     last_position_only,
     narrowing_agrees,
     output_head,
 )
+from emoprompt.labels import LABELS
 
 
 def padded_batch(tokenizer, texts):
@@ -81,7 +81,7 @@ def test_narrowing_is_refused_where_it_would_change_the_logits(tiny_llama, caplo
     odd = copy.deepcopy(model)
     odd.model.layers[-1].mlp = _MixesPositions(odd.model.layers[-1].mlp)
     assert not narrowing_agrees(odd, last_layer(odd), output_head(odd), ids)
-    with caplog.at_level(logging.WARNING, logger="emoprompt.engine"):
+    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.engine"):
         engine = Engine(odd, tokenizer, progress=False)
     assert engine._last_layer is None
     assert "narrowing" in caplog.text

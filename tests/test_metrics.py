@@ -16,8 +16,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from emoprompt.labels import LABELS
-from emoprompt.metrics import (
+from emoprompt.evaluation.metrics import (
     ascii_name,
     compute_metrics,
     confusion,
@@ -25,14 +24,15 @@ from emoprompt.metrics import (
     row_normalise,
     write_metrics,
 )
-from emoprompt.report import (
+from emoprompt.evaluation.strategies import STRATEGIES, Result, score_columns, write_result
+from emoprompt.labels import LABELS
+from emoprompt.reporting.results import (
     TABLE_COLUMNS,
     results_table,
     table_markdown,
     write_confusion_figure,
     write_table,
 )
-from emoprompt.strategies import STRATEGIES, Result, score_columns, write_result
 
 ALE, TRI, DES, IRA, MIE, SOR, OTR = LABELS  # Alegría Tristeza Desagrado Ira Miedo Sorpresa Otras
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers.utils import is_bitsandbytes_available
 
-from emoprompt import models
-from emoprompt.models import LoadedModel, ModelLoadError, embedded_gguf_path, load_model
+from emoprompt.models import loading as models
+from emoprompt.models.loading import LoadedModel, ModelLoadError, embedded_gguf_path, load_model
 
 try:  # tests/ on sys.path (rootdir-relative imports) or tests as a package
     import fixtures_models
@@ -198,7 +198,7 @@ def test_nf4_without_cuda_or_bitsandbytes_is_a_clear_error(tiny_llama_dir):
 
 @pytest.mark.skipif(HAVE_NF4, reason="CUDA and bitsandbytes are present: no fallback happens")
 def test_nf4_fallback_loads_float32_and_says_so(tiny_llama_dir, caplog):
-    caplog.set_level(logging.WARNING, logger="emoprompt.models")
+    caplog.set_level(logging.WARNING, logger="emoprompt.models.loading")
     loaded = load_model({**NF4, "allow_fallback": True}, str(tiny_llama_dir), device="cpu")
     info = loaded.info
     assert info["quantization"] == "none"

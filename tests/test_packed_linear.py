@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emoprompt import packed_linear
-from emoprompt.agreement import logits_agree
-from emoprompt.engine import Engine
+from emoprompt.inference import packed_linear
+from emoprompt.inference.agreement import logits_agree
+from emoprompt.inference.engine import Engine
+from emoprompt.inference.packed_linear import PackedLinears
 from emoprompt.labels import LABELS
-from emoprompt.packed_linear import PackedLinears
 
 pytestmark = pytest.mark.skipif(
     packed_linear._ops() is None, reason="this torch build has no oneDNN linear ops"
@@ -94,7 +94,7 @@ def test_no_packing_where_memory_is_short(tiny_llama, monkeypatch, caplog):
     model, _ = tiny_llama
     size = sum(m.weight.numel() * 4 for m in linears(model))
     monkeypatch.setattr(packed_linear, "available_memory", lambda: size)  # twice the share
-    with caplog.at_level(logging.INFO, logger="emoprompt.packed_linear"):
+    with caplog.at_level(logging.INFO, logger="emoprompt.inference.packed_linear"):
         assert PackedLinears.of(model) is None
     assert "not packed" in caplog.text
     monkeypatch.setattr(packed_linear, "available_memory", lambda: 3 * size)
@@ -131,7 +131,7 @@ def test_the_engine_refuses_packing_that_changes_the_logits(tiny_llama, caplog, 
 
     monkeypatch.setattr(packed_linear.PackedLinears, "_forward", skewed)
     odd = copy.deepcopy(model)  # the checks are remembered per model
-    with caplog.at_level(logging.WARNING, logger="emoprompt.engine"):
+    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.engine"):
         engine = Engine(odd, tokenizer, progress=False)
     assert engine._packed is None
     assert "oneDNN" in caplog.text
@@ -156,7 +156,7 @@ def test_the_engine_setting_turns_packing_off(tmp_path, tiny_llama_dir):
 
     import pandas as pd
 
-    from emoprompt.predict import run_prediction
+    from emoprompt.evaluation.job import run_prediction
 
     repo = Path(__file__).resolve().parents[1]
     rows = [

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from emoprompt.labels import LABELS
-from emoprompt.parsing import VARIANTS, ParsedLabel, count_unparsed, normalise, parse_label
+from emoprompt.prompting.parsing import (
+    VARIANTS,
+    ParsedLabel,
+    count_unparsed,
+    normalise,
+    parse_label,
+)
 
 # The fine-tuned model's own label set: six classes, "Neutral" standing for Otras.
 FINETUNED_LABELS = ("Alegría", "Tristeza", "Ira", "Miedo", "Sorpresa", "Neutral")

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from emoprompt.engine import Engine, LabelCollisionError
+from emoprompt.evaluation.strategies import to_seven
+from emoprompt.inference.engine import Engine, LabelCollisionError
 from emoprompt.labels import LABELS
-from emoprompt.prompts import (
+from emoprompt.prompting.render import (
     PromptError,
     chat_messages,
     load_prompt_file,
     render_chat,
     render_plain,
 )
-from emoprompt.strategies import to_seven
 
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 FIXED_DATE = {"date_string": "26 Jul 2024"}

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from conftest import run_snakemake
 
+from emoprompt.evaluation.strategies import Result, score_columns, write_result
 from emoprompt.labels import LABELS
-from emoprompt.strategies import Result, score_columns, write_result
 
 PAIRS = [
     ("tiny", "zero_shot_first_token"),

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 
-from emoprompt.runtime import configure_cpu
+from emoprompt.infra.runtime import configure_cpu
 
 # Passes of a small MLP over batches of changing size, as a forward pass allocates;
 # prints the page faults of the passes after the first few.
 WORKLOAD = """
 import resource, sys, torch
-from emoprompt.runtime import keep_freed_memory
+from emoprompt.infra.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(1)

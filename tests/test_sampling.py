@@ -8,8 +8,8 @@ from collections import Counter
 import pandas as pd
 import pytest
 
+from emoprompt.data.sampling import class_distribution, sample_indices, sample_split
 from emoprompt.labels import LABELS
-from emoprompt.sampling import class_distribution, sample_indices, sample_split
 
 # A split shaped like the real test split: skewed towards Otras and Alegría.
 SHARES = dict(zip(LABELS, (181, 104, 16, 85, 9, 35, 414), strict=True))

@@ -10,11 +10,8 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from emoprompt.data import prepare, read_split
-from emoprompt.engine import Engine
-from emoprompt.labels import LABELS
-from emoprompt.prompts import load_prompt_file
-from emoprompt.strategies import (
+from emoprompt.data.splits import prepare, read_split
+from emoprompt.evaluation.strategies import (
     STRATEGIES,
     Settings,
     read_predictions,
@@ -22,6 +19,9 @@ from emoprompt.strategies import (
     score_columns,
     write_result,
 )
+from emoprompt.inference.engine import Engine
+from emoprompt.labels import LABELS
+from emoprompt.prompting.render import load_prompt_file
 
 CHAT = [n for n, s in STRATEGIES.items() if s.prompt_format == "chat"]
 PLAIN = [n for n, s in STRATEGIES.items() if s.prompt_format == "plain"]

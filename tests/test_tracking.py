@@ -19,10 +19,10 @@ from conftest import BIN, REPO
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
+from emoprompt.evaluation.metrics import write_metrics
+from emoprompt.evaluation.strategies import Result, score_columns, write_result
 from emoprompt.labels import LABELS
-from emoprompt.metrics import write_metrics
-from emoprompt.report import write_confusion_figure
-from emoprompt.strategies import Result, score_columns, write_result
+from emoprompt.reporting.results import write_confusion_figure
 from emoprompt.tracking import (
     KEY_TAG,
     SUPERSEDED_TAG,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import run_snakemake
 
-from emoprompt.data import read_split
+from emoprompt.data.splits import read_split
 
 DATA_OUTPUTS = ["data/processed/test_sample.tsv", "results/data/class_distribution.tsv"]
 PROCESSED = [

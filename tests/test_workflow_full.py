@@ -12,8 +12,8 @@ import pytest
 from conftest import copy_workflow, run_snakemake
 from sklearn.metrics import accuracy_score, f1_score
 
+from emoprompt.evaluation.strategies import read_predictions
 from emoprompt.labels import LABELS
-from emoprompt.strategies import read_predictions
 
 pytestmark = pytest.mark.slow
 

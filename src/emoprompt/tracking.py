@@ -34,8 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
-from .files import atomic_open, sha256_file
-from .metrics import flat_metrics, read_metadata
+from emoprompt.evaluation.metrics import flat_metrics, read_metadata
+from emoprompt.infra.files import atomic_open, sha256_file
 
 log = logging.getLogger(__name__)
 

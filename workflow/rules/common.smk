@@ -11,9 +11,9 @@ SRC = str(Path(workflow.basedir) / "src")
 if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
-from emoprompt.download import source_kind  # noqa: E402
-from emoprompt.prompts import load_prompt_file  # noqa: E402
-from emoprompt.strategies import BASELINE_MODEL, STRATEGIES, strategies_for  # noqa: E402
+from emoprompt.data.download import source_kind  # noqa: E402
+from emoprompt.prompting.render import load_prompt_file  # noqa: E402
+from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES, strategies_for  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 

@@ -2,8 +2,8 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.logs import setup_logging
-from emoprompt.predict import run_baseline_job
+from emoprompt.evaluation.job import run_baseline_job
+from emoprompt.infra.logs import setup_logging
 
 
 def main(snakemake) -> None:

@@ -2,9 +2,9 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.download import fetch
-from emoprompt.files import write_json
-from emoprompt.logs import setup_logging
+from emoprompt.data.download import fetch
+from emoprompt.infra.files import write_json
+from emoprompt.infra.logs import setup_logging
 
 
 def main(snakemake) -> None:

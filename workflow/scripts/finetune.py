@@ -2,9 +2,9 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.devices import job_gpu
-from emoprompt.finetune import TrainingJob, train
-from emoprompt.logs import setup_logging
+from emoprompt.infra.devices import job_gpu
+from emoprompt.infra.logs import setup_logging
+from emoprompt.training.job import TrainingJob, train
 
 
 def main(snakemake) -> None:

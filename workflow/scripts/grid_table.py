@@ -4,8 +4,8 @@ import logging
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.grid import write_grid_outputs
-from emoprompt.logs import setup_logging
+from emoprompt.infra.logs import setup_logging
+from emoprompt.reporting.grid import write_grid_outputs
 
 
 def main(snakemake) -> None:

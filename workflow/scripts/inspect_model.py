@@ -2,8 +2,8 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.inspection import write_inspection
-from emoprompt.logs import setup_logging
+from emoprompt.infra.logs import setup_logging
+from emoprompt.reporting.inspection import write_inspection
 
 
 def main(snakemake) -> None:

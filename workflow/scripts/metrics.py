@@ -2,9 +2,9 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.logs import setup_logging
-from emoprompt.metrics import write_metrics
-from emoprompt.report import confusion_title, write_confusion_figure
+from emoprompt.evaluation.metrics import write_metrics
+from emoprompt.infra.logs import setup_logging
+from emoprompt.reporting.results import confusion_title, write_confusion_figure
 
 
 def main(snakemake) -> None:

@@ -2,9 +2,9 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.devices import job_gpu
-from emoprompt.logs import setup_logging
-from emoprompt.predict import run_prediction
+from emoprompt.evaluation.job import run_prediction
+from emoprompt.infra.devices import job_gpu
+from emoprompt.infra.logs import setup_logging
 
 
 def main(snakemake) -> None:

@@ -4,8 +4,8 @@ import logging
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.data import prepare
-from emoprompt.logs import setup_logging
+from emoprompt.data.splits import prepare
+from emoprompt.infra.logs import setup_logging
 
 
 def main(snakemake) -> None:

@@ -4,8 +4,8 @@ import logging
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.logs import setup_logging
-from emoprompt.report import write_results_table
+from emoprompt.infra.logs import setup_logging
+from emoprompt.reporting.results import write_results_table
 
 
 def main(snakemake) -> None:

@@ -4,8 +4,8 @@ import logging
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.logs import setup_logging
-from emoprompt.sampling import write_sample
+from emoprompt.data.sampling import write_sample
+from emoprompt.infra.logs import setup_logging
 
 
 def main(snakemake) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.logs import setup_logging
+from emoprompt.infra.logs import setup_logging
 from emoprompt.tracking import RunFiles, resolve_tracking_uri, track_runs, write_run_list
 
 

@@ -1,8 +1,8 @@
 """Whether a variant of a model's forward pass gives the plain pass's logits.
 
-The engine's speed-ups (:mod:`emoprompt.last_position`, :mod:`emoprompt.packed_linear`)
-change how a forward pass computes, never what: each is checked once per model, on a
-short input, before it is used.
+The engine's speed-ups (:mod:`emoprompt.inference.last_position`,
+:mod:`emoprompt.inference.packed_linear`) change how a forward pass computes, never what:
+each is checked once per model, on a short input, before it is used.
 """
 
 from __future__ import annotations

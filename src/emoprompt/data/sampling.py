@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from .data import read_split, write_split
-from .files import atomic_open
-from .labels import LABELS
+from emoprompt.data.splits import read_split, write_split
+from emoprompt.infra.files import atomic_open
+from emoprompt.labels import LABELS
 
 SCHEMES = ("random", "stratified")
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .files import atomic_open, write_json
-from .labels import LABELS
-from .parsing import parse_label
-from .prompts import (
+from emoprompt.infra.files import atomic_open, write_json
+from emoprompt.labels import LABELS
+from emoprompt.prompting.parsing import parse_label
+from emoprompt.prompting.render import (
     PromptFile,
     PromptParts,
     chat_messages,
@@ -121,7 +121,7 @@ def build_prompts(
     shots_of: dict[str, list[tuple[str, str]]] = {}
     record: dict[str, Any] = {}
     if strategy.family == "few_shot":
-        from .fewshot import select_shots  # only few-shot strategies need it
+        from emoprompt.prompting.fewshot import select_shots  # only few-shot strategies need it
 
         settings = prompt.settings
         plan = select_shots(
@@ -280,7 +280,7 @@ def _content_free_prompt(strategy, prompt, tokenizer, train, sample, text, setti
 
 def run_baseline(train: pd.DataFrame, sample: pd.DataFrame, seed: int = 0) -> Result:
     """The TF-IDF + logistic regression anchor, with the same output files as the LLMs."""
-    from .baseline import predict_proba_frame, train_tfidf_baseline
+    from emoprompt.evaluation.baseline import predict_proba_frame, train_tfidf_baseline
 
     start = time.perf_counter()
     pipeline = train_tfidf_baseline(train, seed=seed)

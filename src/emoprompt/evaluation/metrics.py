@@ -23,9 +23,9 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from .files import write_json
-from .labels import LABELS
-from .strategies import read_predictions
+from emoprompt.evaluation.strategies import read_predictions
+from emoprompt.infra.files import write_json
+from emoprompt.labels import LABELS
 
 
 def check_labels(predictions: pd.DataFrame, labels: Sequence[str] = LABELS) -> None:

@@ -14,7 +14,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion, Pipeline
 
-from .labels import LABELS
+from emoprompt.labels import LABELS
 
 # Chosen by 5-fold stratified cross-validation on train (macro F1 0.456 / 0.461 / 0.466 for
 # C = 1 / 3 / 10), not on dev, so that dev stays a fair test.

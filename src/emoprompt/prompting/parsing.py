@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .labels import LABELS
+from emoprompt.labels import LABELS
 
 # Surface forms per canonical Spanish class name, written with their accents for readability
 # (they are normalised when the pattern is built). Inflections (gender, number) are listed

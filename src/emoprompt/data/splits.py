@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from .files import atomic_open
-from .labels import to_spanish
+from emoprompt.infra.files import atomic_open
+from emoprompt.labels import to_spanish
 
 SOURCE_COLUMNS: tuple[str, ...] = ("id", "event", "tweet", "offensive", "emotion")
 CANONICAL_COLUMNS: tuple[str, ...] = ("id", "event", "tweet", "offensive", "label")

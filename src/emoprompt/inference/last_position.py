@@ -28,8 +28,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .agreement import logits_agree
-from .attention import last_query_only
+from emoprompt.inference.agreement import logits_agree
+from emoprompt.inference.attention import last_query_only
 
 # Decoder layers of these layouts have a norm of their own around the MLP's input or
 # output that the narrowing does not account for: never narrowed.

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from tqdm import tqdm
 
-from .data import DataError, locate_splits
-from .files import atomic_path, sha256_file
+from emoprompt.data.splits import DataError, locate_splits
+from emoprompt.infra.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_path, sha256_file, write_json
+from emoprompt.infra.files import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 

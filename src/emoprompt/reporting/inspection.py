@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .data import read_split
-from .files import atomic_open
-from .prompts import chat_messages, load_prompt_file, render_chat, render_plain
+from emoprompt.data.splits import read_split
+from emoprompt.infra.files import atomic_open
+from emoprompt.prompting.render import chat_messages, load_prompt_file, render_chat, render_plain
 
 GPT2_SPACE = "Ġ"  # how byte-level BPE shows the space byte inside a token
 GPT2_NEWLINE = "Ċ"
@@ -117,8 +117,8 @@ def write_inspection(
     out: str,
 ) -> None:
     """Load the model and write its inspection page to ``out``."""
-    from .engine import Engine
-    from .models import load_model
+    from emoprompt.inference.engine import Engine
+    from emoprompt.models.loading import load_model
 
     loaded = load_model(dict(entry), location)
     tweet = read_split(sample_path)["tweet"].iloc[0]
@@ -130,7 +130,7 @@ def write_inspection(
         kwargs = entry.get("chat_template_kwargs") or {}
         text = render_chat(loaded.tokenizer, chat_messages(prompt, tweet), kwargs).text
     if entry.get("adapter"):  # a fine-tuned model's own label set
-        from .finetune import adapter_prompt
+        from emoprompt.training.job import adapter_prompt
 
         prompt = adapter_prompt(prompt, entry["adapter"])
     labels = list(prompt.labels)

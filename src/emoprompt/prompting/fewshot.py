@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from .labels import LABELS
+from emoprompt.labels import LABELS
 
 # Rows of similarity computed at once: bounds memory to chunk x train floats.
 _SIMILARITY_CHUNK = 512

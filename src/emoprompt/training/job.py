@@ -40,9 +40,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .files import atomic_path, write_json
-from .labels import LABELS
-from .prompts import PromptFile, chat_messages, load_prompt_file, render_chat, render_plain
+from emoprompt.infra.files import atomic_path, write_json
+from emoprompt.labels import LABELS
+from emoprompt.prompting.render import (
+    PromptFile,
+    chat_messages,
+    load_prompt_file,
+    render_chat,
+    render_plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +530,7 @@ class TrainingJob:
 
 
 def _device_and_quantization(settings: FinetuneSettings, device: str | None) -> tuple[str, str]:
-    from .models import _nf4_blocker, default_device
+    from emoprompt.models.loading import _nf4_blocker, default_device
 
     device = device or default_device()
     if settings.quantization == "none":
@@ -538,7 +544,7 @@ def _device_and_quantization(settings: FinetuneSettings, device: str | None) -> 
 
 
 def _load_base(job: TrainingJob, settings: FinetuneSettings):
-    from .models import load_model
+    from emoprompt.models.loading import load_model
 
     device, quantization = _device_and_quantization(settings, job.device)
     # Full precision on a CPU; bfloat16 (or NF4 storage) on an accelerator.
@@ -637,7 +643,7 @@ def plot_loss(
 
 
 def _versions() -> dict[str, str]:
-    from .strategies import library_versions
+    from emoprompt.evaluation.strategies import library_versions
 
     versions = library_versions()
     try:
@@ -654,8 +660,8 @@ def train(job: TrainingJob) -> dict[str, Any]:
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from .data import read_split
-    from .runtime import configure_cpu
+    from emoprompt.data.splits import read_split
+    from emoprompt.infra.runtime import configure_cpu
 
     settings = FinetuneSettings.from_mapping(job.settings)
     started_wall, started_cpu = time.time(), time.process_time()
@@ -939,9 +945,9 @@ def adapter_prompt(prompt: PromptFile, adapter_dir: str | os.PathLike[str]) -> P
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m emoprompt.finetune job.json``: run a :class:`TrainingJob` described in
+    """``python -m emoprompt.training.job job.json``: run a :class:`TrainingJob` described in
     a JSON file (the fields of TrainingJob); the log goes to stderr and ``--log``."""
-    from .logs import setup_logging
+    from emoprompt.infra.logs import setup_logging
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("job", help="JSON file with the TrainingJob fields")

@@ -7,10 +7,17 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .data import read_split
-from .prompts import load_prompt_file
-from .runtime import configure_cpu
-from .strategies import STRATEGIES, Result, Settings, run_baseline, run_llm_strategy, write_result
+from emoprompt.data.splits import read_split
+from emoprompt.evaluation.strategies import (
+    STRATEGIES,
+    Result,
+    Settings,
+    run_baseline,
+    run_llm_strategy,
+    write_result,
+)
+from emoprompt.infra.runtime import configure_cpu
+from emoprompt.prompting.render import load_prompt_file
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,8 @@ def run_prediction(
     json_out: str,
 ) -> Result:
     """Everything a `predict` job does, so the workflow script only unpacks Snakemake."""
-    from .engine import Engine  # torch-heavy imports only where a model runs
-    from .models import load_model
+    from emoprompt.inference.engine import Engine  # torch-heavy imports only where a model runs
+    from emoprompt.models.loading import load_model
 
     strategy = STRATEGIES[strategy_name]
     engine_settings = settings.get("engine") or {}
@@ -61,7 +68,7 @@ def run_prediction(
         seed = int(settings["fewshot_seed"])
         prompt = dataclasses.replace(prompt, settings={**prompt.settings, "seed": seed})
     if entry.get("adapter"):  # a fine-tuned model answers with the labels it was trained on
-        from .finetune import adapter_prompt
+        from emoprompt.training.job import adapter_prompt
 
         prompt = adapter_prompt(prompt, entry["adapter"])
     train, sample = read_split(train_path), read_split(sample_path)

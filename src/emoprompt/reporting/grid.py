@@ -20,9 +20,9 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .files import atomic_open, atomic_path
-from .metrics import read_metadata
-from .report import TABLE_COLUMNS, results_table
+from emoprompt.evaluation.metrics import read_metadata
+from emoprompt.infra.files import atomic_open, atomic_path
+from emoprompt.reporting.results import TABLE_COLUMNS, results_table
 
 # The scores summarised over seeds: the results table's, without the keys and the speed.
 GRID_SCORES: tuple[str, ...] = TABLE_COLUMNS[2:-1]

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .labels import LABELS
+from emoprompt.labels import LABELS
 
 log = logging.getLogger(__name__)
 

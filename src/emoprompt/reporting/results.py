@@ -16,10 +16,10 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .files import atomic_open, atomic_path
-from .labels import LABELS
-from .metrics import row_normalise
-from .strategies import BASELINE_MODEL, STRATEGIES
+from emoprompt.evaluation.metrics import row_normalise
+from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES
+from emoprompt.infra.files import atomic_open, atomic_path
+from emoprompt.labels import LABELS
 
 # The notebook's columns first, then the others.
 TABLE_COLUMNS: tuple[str, ...] = (
@@ -179,7 +179,7 @@ def write_results_table(
     model_order: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Read metrics JSON files, build the results table and write it as Markdown and CSV."""
-    from .metrics import read_metadata
+    from emoprompt.evaluation.metrics import read_metadata
 
     table = results_table([read_metadata(p) for p in metrics_paths], model_order)
     write_table(table, md_path, csv_path)

@@ -14,11 +14,11 @@ Speed comes from reusing the KV cache of the text that many prompts share
 once per call, and every batch feeds only the per-tweet suffixes on top of it. On a
 CPU with SDPA attention a batch keeps one copy of a long prefix (at least
 ``SHARED_PREFIX_MIN_RATIO`` times the suffixes) for all its rows and attends to it once
-for all of them (:mod:`emoprompt.attention`); otherwise each row gets a broadcast view
+for all of them (:mod:`emoprompt.inference.attention`); otherwise each row gets a broadcast view
 of it. Passes that need the last position's logits only skip the rest of the last
 layer's work, and first-token scores compute only the label tokens' logits
-(:mod:`emoprompt.last_position`). On a CPU, float32 linear layers compute through
-oneDNN with weights packed once per engine (:mod:`emoprompt.packed_linear`). Each of
+(:mod:`emoprompt.inference.last_position`). On a CPU, float32 linear layers compute through
+oneDNN with weights packed once per engine (:mod:`emoprompt.inference.packed_linear`). Each of
 these two is checked once per model against the plain forward pass before it is used.
 Left-padded suffixes after a shared prefix leave pad gaps in the middle of each row;
 the attention mask ``[prefix ones | suffix mask]`` and explicit ``position_ids``
@@ -53,7 +53,7 @@ concatenation (never writes in place), which is what lets a batch start from a
 broadcast view of the one-row prefix cache; a 4D ``attention_mask`` is passed to the
 attention function as is; ``logits_to_keep`` limits the LM head to the last positions.
 
-Prompts may be :class:`emoprompt.prompts.PromptParts` or any object with ``prefix`` and
+Prompts may be :class:`emoprompt.prompting.render.PromptParts` or any object with ``prefix`` and
 ``suffix`` strings.
 """
 
@@ -74,19 +74,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .agreement import logits_agree
-from .attention import IMPLEMENTATION as SHARED_PREFIX_ATTENTION
-from .attention import SharedPrefixLayer, shared_prefix
-from .attention import register as register_attention
-from .last_position import (
+from emoprompt.inference.agreement import logits_agree
+from emoprompt.inference.attention import IMPLEMENTATION as SHARED_PREFIX_ATTENTION
+from emoprompt.inference.attention import SharedPrefixLayer, shared_prefix
+from emoprompt.inference.attention import register as register_attention
+from emoprompt.inference.last_position import (
     head_columns,
     last_layer,
     last_position_only,
     narrowing_agrees,
     output_head,
 )
-from .packed_linear import PackedLinears
-from .prompts import PromptParts
+from emoprompt.inference.packed_linear import PackedLinears
+from emoprompt.prompting.render import PromptParts
 
 __all__ = ["Engine", "Generation", "LabelCollisionError", "PromptParts"]
 
@@ -101,7 +101,7 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 # Prompts given without a usable prefix share their common first tokens through the
 # cache only when there are at least this many (else an extra forward pass is wasted).
 MIN_SHARED_START = 8
-# A batch attends to its shared prefix once for all rows (emoprompt.attention) when the
+# A batch attends to its shared prefix once for all rows (emoprompt.inference.attention) when the
 # prefix has at least this many times the rows' own tokens; a shorter one is cheaper as
 # part of each row's keys (one attention call instead of two and their merge).
 SHARED_PREFIX_MIN_RATIO = 3
@@ -182,7 +182,7 @@ class Engine:
     model's device. ``reuse_prefix=False`` feeds full prompts (same batching): the
     reference path. ``max_batch_tokens`` bounds rows x cached length per batch.
     ``packed_weights`` lets float32 linear layers on a CPU run through oneDNN with
-    weights packed once (:mod:`emoprompt.packed_linear`; one more copy of them in memory).
+    weights packed once (:mod:`emoprompt.inference.packed_linear`; one more copy of them in memory).
     """
 
     def __init__(
@@ -252,7 +252,7 @@ class Engine:
         # (whole prompts) it is slightly slower, so it is used only for the former.
         self._force_gqa = attn == "sdpa" and self.device.type == "cpu"
         # Rows that continue one cached prefix share one copy of it and attend to it all
-        # at once (see emoprompt.attention): less memory, faster attention on a CPU.
+        # at once (see emoprompt.inference.attention): less memory, faster attention on a CPU.
         self._shared_attention = False
         if self._force_gqa and not sliding and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(register_attention())
@@ -269,7 +269,7 @@ class Engine:
         self._newline_ids: dict[int, bool] = {}
         # Passes that keep the last position's logits only run the last layer's output
         # projection and MLP for that position, and first-token scores compute the label
-        # tokens' logits only (emoprompt.last_position), once checked on this model.
+        # tokens' logits only (emoprompt.inference.last_position), once checked on this model.
         self._head = output_head(model)
         self._last_layer = last_layer(model)
         if self._last_layer is not None and not self._agrees(
@@ -279,7 +279,7 @@ class Engine:
             log.warning("last-position narrowing changes this model's logits; not used")
             self._last_layer = None
         # Float32 linear layers on a CPU compute through oneDNN with weights packed once
-        # (emoprompt.packed_linear); the LM head stays plain (first-token scores narrow
+        # (emoprompt.inference.packed_linear); the LM head stays plain (first-token scores narrow
         # it to the label columns, and it is often the input embedding's twin).
         self._packed = None
         if packed_weights and self.device.type == "cpu":

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .files import write_json
-from .labels import LABELS
-from .parsing import parse_label
-from .prompts import PromptFile, chat_messages, load_prompt_file
-from .strategies import STRATEGIES, Settings, run_llm_strategy, score_columns
+from emoprompt.evaluation.strategies import STRATEGIES, Settings, run_llm_strategy, score_columns
+from emoprompt.infra.files import write_json
+from emoprompt.labels import LABELS
+from emoprompt.prompting.parsing import parse_label
+from emoprompt.prompting.render import PromptFile, chat_messages, load_prompt_file
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _notebook_way(model, tokenizer, prompt: PromptFile, sample: pd.DataFrame, se
 def _run_once(case, model, tokenizer, prompt, train, sample, settings) -> tuple[pd.DataFrame, dict]:
     if case.method == NOTEBOOK:
         return _notebook_way(model, tokenizer, prompt, sample, settings), {}
-    from .engine import Engine
+    from emoprompt.inference.engine import Engine
 
     engine = Engine(
         model,
@@ -531,9 +531,9 @@ def run_case(
 ) -> dict[str, Any]:
     """Load the model, measure ``case`` and write ``<out_dir>/<key>.json`` (its row) and
     ``<key>.predictions.json``; compare with the reference's predictions when written."""
-    from .data import read_split
-    from .models import load_model
-    from .runtime import configure_cpu
+    from emoprompt.data.splits import read_split
+    from emoprompt.infra.runtime import configure_cpu
+    from emoprompt.models.loading import load_model
 
     # The notebook's way runs as a plain script would: default allocator settings.
     count = configure_cpu(threads, os.cpu_count() or 1, keep_memory=case.method != NOTEBOOK)
