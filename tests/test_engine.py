@@ -88,10 +88,10 @@ def tiny(request) -> tuple[Any, Any]:
 def prefix_layout(request, monkeypatch) -> str:
     """Both ways a batch holds its shared prefix: once for all rows (with the shared-prefix
     attention) or copied into each row's keys; the engine picks by the prefix's length."""
-    import emoprompt.inference.engine
+    import emoprompt.inference.passes
 
     ratio = 0 if request.param == "shared" else 10**9
-    monkeypatch.setattr(emoprompt.inference.engine, "SHARED_PREFIX_MIN_RATIO", ratio)
+    monkeypatch.setattr(emoprompt.inference.passes, "SHARED_PREFIX_MIN_RATIO", ratio)
     return request.param
 
 
@@ -247,7 +247,8 @@ def test_label_logprobs_equal_the_plain_computation(tiny, normalize, prefix_layo
         model, tokenizer, prompts, LABELS, engine.end_of_turn_id, normalize
     )
     one_per_label = Engine(model, tokenizer, batch_size=3, progress=False)
-    one_per_label._tree_labels = False  # the path for sliding-window / flash attention models
+    # the path for sliding-window / flash attention models
+    one_per_label.capabilities.tree_labels = False
     results = {
         "cached": engine.label_logprobs(prompts, LABELS, normalize=normalize),
         "plain": Engine(
@@ -270,7 +271,7 @@ def test_eager_attention_takes_the_same_masks(tiny_chatml):
     assert model.config._attn_implementation == "eager"
     prompts = mixed_prompts(tokenizer)
     engine = Engine(model, tokenizer, batch_size=4, progress=False)
-    assert engine._tree_labels
+    assert engine.capabilities.tree_labels
     np.testing.assert_allclose(
         engine.label_logprobs(prompts, LABELS),
         naive_label_logprobs(model, tokenizer, prompts, LABELS, engine.end_of_turn_id),
@@ -311,7 +312,7 @@ def test_a_split_inside_a_word_falls_back_to_the_whole_prompt(tiny_chatml, caplo
     bad = [PromptParts(p.text[:cut], p.text[cut:]) for p in good[:3]]
     prompts = [*good, *bad]
     engine = Engine(model, tokenizer, batch_size=4, progress=False)
-    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.planning"):
         probs = engine.first_token_probs(prompts, LABELS)
         logprobs = engine.label_logprobs(prompts, LABELS)
     assert engine.stats["fallbacks"] == 6  # three prompts, two calls

@@ -81,9 +81,9 @@ def test_narrowing_is_refused_where_it_would_change_the_logits(tiny_llama, caplo
     odd = copy.deepcopy(model)
     odd.model.layers[-1].mlp = _MixesPositions(odd.model.layers[-1].mlp)
     assert not narrowing_agrees(odd, last_layer(odd), output_head(odd), ids)
-    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.capabilities"):
         engine = Engine(odd, tokenizer, progress=False)
-    assert engine._last_layer is None
+    assert engine.capabilities.last_layer is None
     assert "narrowing" in caplog.text
 
 
@@ -104,11 +104,11 @@ def test_first_token_scores_do_not_depend_on_the_narrowing(tiny_llama, head):
     model, tokenizer = tiny_llama
     prompts = mixed_prompts(tokenizer)
     narrowed = Engine(model, tokenizer, batch_size=4, progress=False)
-    assert narrowed._last_layer is not None and narrowed._head is not None
+    assert narrowed.capabilities.last_layer is not None and narrowed.capabilities.head is not None
     if head == "whole vocabulary":  # a head that is not a plain linear layer
-        narrowed._head = None
+        narrowed.capabilities.head = None
     plain = Engine(model, tokenizer, batch_size=4, progress=False)
-    plain._last_layer = plain._head = None
+    plain.capabilities.last_layer = plain.capabilities.head = None
     np.testing.assert_allclose(
         narrowed.first_token_probs(prompts, LABELS),
         plain.first_token_probs(prompts, LABELS),

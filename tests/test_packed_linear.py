@@ -108,7 +108,7 @@ def test_engine_scores_and_generation_do_not_depend_on_packing(tiny_llama):
     prompts = mixed_prompts(tokenizer)
     packed = Engine(model, tokenizer, batch_size=4, progress=False)
     plain = Engine(model, tokenizer, batch_size=4, progress=False, packed_weights=False)
-    assert packed._packed is not None and plain._packed is None
+    assert packed.capabilities.packed is not None and plain.capabilities.packed is None
     np.testing.assert_allclose(
         packed.first_token_probs(prompts, LABELS),
         plain.first_token_probs(prompts, LABELS),
@@ -131,9 +131,9 @@ def test_the_engine_refuses_packing_that_changes_the_logits(tiny_llama, caplog, 
 
     monkeypatch.setattr(packed_linear.PackedLinears, "_forward", skewed)
     odd = copy.deepcopy(model)  # the checks are remembered per model
-    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.engine"):
+    with caplog.at_level(logging.WARNING, logger="emoprompt.inference.capabilities"):
         engine = Engine(odd, tokenizer, progress=False)
-    assert engine._packed is None
+    assert engine.capabilities.packed is None
     assert "oneDNN" in caplog.text
 
 
@@ -143,10 +143,10 @@ def test_the_checks_run_once_per_model(tiny_llama):
     passes = []
     model.register_forward_hook(lambda *args: passes.append(1))
     first = Engine(model, tokenizer, progress=False)
-    assert first.packed_weights and first._last_layer is not None
+    assert first.packed_weights and first.capabilities.last_layer is not None
     assert len(passes) == 4  # plain and narrowed, plain and packed
     second = Engine(model, tokenizer, progress=False)
-    assert second.packed_weights and second._last_layer is not None
+    assert second.packed_weights and second.capabilities.last_layer is not None
     assert len(passes) == 4
 
 
