@@ -19,15 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from emoprompt.bench.measure import (
-    add_ratios,
-    case_args,
-    default_plan,
-    describe_run,
-    machine_info,
-    render_markdown,
-    replace_block,
-)
+from emoprompt.bench.measure import case_args, default_plan, machine_info
+from emoprompt.bench.tables import add_ratios, describe_run, render_markdown, replace_block
 from emoprompt.infra.files import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,13 +31,8 @@ import torch
 from filelock import FileLock
 
 from emoprompt.infra.files import atomic_path
-from emoprompt.models.loading import (
-    ModelLoadError,
-    convert_gguf,
-    embedded_gguf_path,
-    load_model,
-    prepare_tokenizer,
-)
+from emoprompt.models.gguf import convert_gguf, embedded_gguf_path
+from emoprompt.models.loading import ModelLoadError, load_model, prepare_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO_ROOT / ".cache" / "test-models"

@@ -16,16 +16,12 @@ from emoprompt.bench.measure import (
     NOTEBOOK,
     BenchError,
     Case,
-    add_ratios,
     bench_sample,
     compare,
     default_plan,
-    describe_run,
-    render_markdown,
-    replace_block,
     run_case,
-    targets,
 )
+from emoprompt.bench.tables import add_ratios, describe_run, render_markdown, replace_block, targets
 from emoprompt.data.splits import prepare, read_split
 
 

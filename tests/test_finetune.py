@@ -20,27 +20,27 @@ import pytest
 from conftest import REPO
 
 from emoprompt.data.splits import read_split, write_split
-from emoprompt.evaluation.strategies import STRATEGIES, Settings, run_llm_strategy
+from emoprompt.evaluation.runner import run_llm_strategy
+from emoprompt.evaluation.strategies import STRATEGIES, Settings
 from emoprompt.inference.engine import Engine
 from emoprompt.labels import LABELS
+from emoprompt.models.adapter import TRAIN_IDS_FILE, TRAINING_CONFIG, adapter_prompt
 from emoprompt.models.loading import load_model
-from emoprompt.prompting.render import load_prompt_file, render_plain
-from emoprompt.training.job import (
+from emoprompt.prompting.prompt_file import load_prompt_file
+from emoprompt.prompting.render import render_plain
+from emoprompt.training.checkpoints import checkpoint_steps
+from emoprompt.training.dataset import (
     IGNORE,
-    TRAIN_IDS_FILE,
-    TRAINING_CONFIG,
-    FinetuneSettings,
     PromptSpec,
-    adapter_prompt,
     answer_for_class,
     build_examples,
-    checkpoint_steps,
     class_weights,
     collate,
     label_scheme,
     plan_batches,
     select_training_set,
 )
+from emoprompt.training.settings import FinetuneSettings
 
 FINETUNED_PROMPT = REPO / "prompts" / "finetuned.yaml"
 ZERO_SHOT_PROMPT = REPO / "prompts" / "zero_shot.yaml"

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, run_snakemake
 
 from emoprompt.data.splits import read_split
-from emoprompt.evaluation.strategies import Result, score_columns, write_result
+from emoprompt.evaluation.predictions import Result, score_columns, write_result
 from emoprompt.labels import LABELS
 from emoprompt.reporting.grid import grid_markdown, grid_table, write_grid_outputs
 

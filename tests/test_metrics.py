@@ -24,7 +24,8 @@ from emoprompt.evaluation.metrics import (
     row_normalise,
     write_metrics,
 )
-from emoprompt.evaluation.strategies import STRATEGIES, Result, score_columns, write_result
+from emoprompt.evaluation.predictions import Result, score_columns, write_result
+from emoprompt.evaluation.strategies import STRATEGIES
 from emoprompt.labels import LABELS
 from emoprompt.reporting.results import (
     TABLE_COLUMNS,

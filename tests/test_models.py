@@ -13,8 +13,10 @@ import pytest
 import torch
 from transformers.utils import is_bitsandbytes_available
 
+from emoprompt.models import gguf
 from emoprompt.models import loading as models
-from emoprompt.models.loading import LoadedModel, ModelLoadError, embedded_gguf_path, load_model
+from emoprompt.models.gguf import embedded_gguf_path
+from emoprompt.models.loading import LoadedModel, ModelLoadError, load_model
 
 try:  # tests/ on sys.path (rootdir-relative imports) or tests as a package
     import fixtures_models
@@ -87,7 +89,7 @@ def test_converted_folder_is_plain_and_complete(smollm2_dir, smollm2):
     _, tokenizer = smollm2
     config = json.loads((smollm2_dir / "config.json").read_text())
     generation = json.loads((smollm2_dir / "generation_config.json").read_text())
-    record = json.loads((smollm2_dir / models.CONVERSION_RECORD).read_text())
+    record = json.loads((smollm2_dir / gguf.CONVERSION_RECORD).read_text())
     assert (smollm2_dir / "model.safetensors").is_file()
     assert not list(smollm2_dir.glob("*.gguf"))
     assert "quantization_config" not in config  # loads as a plain model, not GGUF
@@ -110,7 +112,7 @@ def test_converted_folder_is_plain_and_complete(smollm2_dir, smollm2):
 
 def test_convert_gguf_refuses_a_missing_file(tmp_path):
     with pytest.raises(ModelLoadError, match="GGUF file not found"):
-        models.convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
+        gguf.convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from emoprompt.evaluation.strategies import to_seven
+from emoprompt.evaluation.runner import to_seven
 from emoprompt.inference.engine import Engine, LabelCollisionError
 from emoprompt.labels import LABELS
-from emoprompt.prompting.render import (
-    PromptError,
-    chat_messages,
-    load_prompt_file,
-    render_chat,
-    render_plain,
-)
+from emoprompt.prompting.prompt_file import PromptError, load_prompt_file
+from emoprompt.prompting.render import chat_messages, render_chat, render_plain
 
 ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 FIXED_DATE = {"date_string": "26 Jul 2024"}

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from conftest import run_snakemake
 
-from emoprompt.evaluation.strategies import Result, score_columns, write_result
+from emoprompt.evaluation.predictions import Result, score_columns, write_result
 from emoprompt.labels import LABELS
 
 PAIRS = [

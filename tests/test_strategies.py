@@ -11,17 +11,12 @@ import pytest
 from conftest import REPO
 
 from emoprompt.data.splits import prepare, read_split
-from emoprompt.evaluation.strategies import (
-    STRATEGIES,
-    Settings,
-    read_predictions,
-    run_llm_strategy,
-    score_columns,
-    write_result,
-)
+from emoprompt.evaluation.predictions import read_predictions, score_columns, write_result
+from emoprompt.evaluation.runner import run_llm_strategy
+from emoprompt.evaluation.strategies import STRATEGIES, Settings
 from emoprompt.inference.engine import Engine
 from emoprompt.labels import LABELS
-from emoprompt.prompting.render import load_prompt_file
+from emoprompt.prompting.prompt_file import load_prompt_file
 
 CHAT = [n for n, s in STRATEGIES.items() if s.prompt_format == "chat"]
 PLAIN = [n for n, s in STRATEGIES.items() if s.prompt_format == "plain"]

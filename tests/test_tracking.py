@@ -20,7 +20,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from emoprompt.evaluation.metrics import write_metrics
-from emoprompt.evaluation.strategies import Result, score_columns, write_result
+from emoprompt.evaluation.predictions import Result, score_columns, write_result
 from emoprompt.labels import LABELS
 from emoprompt.reporting.results import write_confusion_figure
 from emoprompt.tracking import (

@@ -12,7 +12,7 @@ import pytest
 from conftest import copy_workflow, run_snakemake
 from sklearn.metrics import accuracy_score, f1_score
 
-from emoprompt.evaluation.strategies import read_predictions
+from emoprompt.evaluation.predictions import read_predictions
 from emoprompt.labels import LABELS
 
 pytestmark = pytest.mark.slow

@@ -36,6 +36,12 @@ from mlflow.tracking import MlflowClient
 
 from emoprompt.evaluation.metrics import flat_metrics, read_metadata
 from emoprompt.infra.files import atomic_open, sha256_file
+from emoprompt.models.adapter import (
+    adapter_files,
+    read_loss_history,
+    read_training_config,
+    weights_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +256,45 @@ def _changed_metrics(existing: Mapping[str, float], new: Mapping[str, float]) ->
     }
 
 
+def upsert_run(
+    client: MlflowClient,
+    experiment_id: str,
+    key: str,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    name: str,
+) -> tuple[str, str, Mapping[str, str], Mapping[str, float]]:
+    """The one run of ``key``: (run id, action, its params, its metrics).
+
+    Duplicates (left by an interrupted or concurrent logging) are removed, the newest
+    kept. A run whose parameters conflict with ``params`` is replaced by a new one that
+    it points to (``SUPERSEDED_TAG``) and deleted; action is ``created``, ``replaced``
+    or ``updated`` (the existing run is kept, with what it has logged already).
+    """
+    found = find_runs(client, experiment_id, key)
+    for extra in found[1:]:
+        log.warning("%s: removing duplicate run %s", key, extra.info.run_id)
+        client.delete_run(extra.info.run_id)
+    run = found[0] if found else None
+    if run is not None:
+        changed = _params_conflict(run.data.params, params)
+        if not changed:
+            client.update_run(run.info.run_id, name=name)
+            return run.info.run_id, "updated", run.data.params, run.data.metrics
+        log.info(
+            "%s: parameters changed (%s): replacing run %s",
+            key,
+            ", ".join(changed),
+            run.info.run_id,
+        )
+    new = client.create_run(experiment_id, tags=dict(tags), run_name=name)
+    if run is None:
+        return new.info.run_id, "created", {}, {}
+    client.set_tag(run.info.run_id, SUPERSEDED_TAG, new.info.run_id)
+    client.delete_run(run.info.run_id)
+    return new.info.run_id, "replaced", {}, {}
+
+
 def track_run(
     client: MlflowClient,
     experiment_id: str,
@@ -267,32 +312,9 @@ def track_run(
     tags = {**run_tags(files.model, files.strategy, key, metadata, commit), **(extra_tags or {})}
     name = f"{files.model} · {files.strategy}"
 
-    found = find_runs(client, experiment_id, key)
-    for extra in found[1:]:  # left by an interrupted or concurrent logging: keep the newest
-        log.warning("%s: removing duplicate run %s", key, extra.info.run_id)
-        client.delete_run(extra.info.run_id)
-    run = found[0] if found else None
-    action = "updated"
-    if run is not None:
-        changed = _params_conflict(run.data.params, params)
-        if changed:
-            action = "replaced"
-            old = run.info.run_id
-            run = None
-            log.info("%s: parameters changed (%s): replacing run %s", key, ", ".join(changed), old)
-    if run is None:
-        new = client.create_run(experiment_id, tags=tags, run_name=name)
-        if action == "replaced":
-            client.set_tag(old, SUPERSEDED_TAG, new.info.run_id)
-            client.delete_run(old)
-        else:
-            action = "created"
-        run_id, existing_params, existing_metrics = new.info.run_id, {}, {}
-    else:
-        run_id = run.info.run_id
-        existing_params, existing_metrics = run.data.params, run.data.metrics
-        client.update_run(run_id, name=name)
-
+    run_id, action, existing_params, existing_metrics = upsert_run(
+        client, experiment_id, key, params, tags, name
+    )
     try:
         now = int(time.time() * 1000)
         new_params = [Param(k, v) for k, v in params.items() if k not in existing_params]
@@ -393,10 +415,9 @@ def track_training(
     """Create (or find) the run of one fine-tuning: its settings as parameters, the loss
     per step as the metric history ``train_loss``, and the adapter folder as artefacts.
     A retrained adapter (another sha256) replaces the run, as changed parameters do."""
-    record = json.loads((adapter / "training_config.json").read_text(encoding="utf-8"))
+    record = read_training_config(adapter)
     key = f"{model}/{TRAINING_STRATEGY}"
-    weights = adapter / "adapter_model.safetensors"
-    params = training_params(model, record, sha256_file(weights), commit)
+    params = training_params(model, record, sha256_file(weights_path(adapter)), commit)
     tags = {
         KEY_TAG: key,
         "emoprompt.model": model,
@@ -404,28 +425,18 @@ def track_training(
         "mlflow.source.git.commit": commit,
     }
     tags.update({f"version.{k}": str(v) for k, v in (record.get("versions") or {}).items()})
-    found = find_runs(client, experiment_id, key)
-    for extra in found[1:]:
-        client.delete_run(extra.info.run_id)
-    run = found[0] if found else None
-    if run is not None and not _params_conflict(run.data.params, params):
-        log.info("%s: training run %s is up to date", key, run.info.run_id)
-        return TrackedRun(key, model, TRAINING_STRATEGY, run.info.run_id, experiment_id, "updated")
-    new = client.create_run(experiment_id, tags=tags, run_name=f"{model} · fine-tuning")
-    run_id = new.info.run_id
-    action = "created"
-    if run is not None:
-        client.set_tag(run.info.run_id, SUPERSEDED_TAG, run_id)
-        client.delete_run(run.info.run_id)
-        action = "replaced"
+    run_id, action, _, _ = upsert_run(
+        client, experiment_id, key, params, tags, f"{model} · fine-tuning"
+    )
+    if action == "updated":
+        log.info("%s: training run %s is up to date", key, run_id)
+        return TrackedRun(key, model, TRAINING_STRATEGY, run_id, experiment_id, action)
     try:
         now = int(time.time() * 1000)
         history = []
-        with open(adapter / "loss.tsv", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle, delimiter="\t"):
-                step = int(row["step"])
-                history.append(Metric("train_loss", float(row["loss"]), now, step))
-                history.append(Metric("learning_rate", float(row["lr"]), now, step))
+        for row in read_loss_history(adapter):
+            history.append(Metric("train_loss", row["loss"], now, row["step"]))
+            history.append(Metric("learning_rate", row["lr"], now, row["step"]))
         summary = {
             "final_loss": record.get("final_loss"),
             "train_seconds": record.get("seconds"),
@@ -436,9 +447,8 @@ def track_training(
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], tags=[])
         for start in range(0, len(history), 900):  # MLflow takes at most 1000 per batch
             client.log_batch(run_id, metrics=history[start : start + 900])
-        for path in sorted(adapter.iterdir()):  # not Snakemake's hidden timestamp file
-            if path.is_file() and not path.name.startswith("."):
-                client.log_artifact(run_id, str(path), "adapter")
+        for path in adapter_files(adapter):
+            client.log_artifact(run_id, str(path), "adapter")
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -12,8 +12,8 @@ if SRC not in sys.path:
     sys.path.insert(0, SRC)
 
 from emoprompt.data.download import source_kind  # noqa: E402
-from emoprompt.prompting.render import load_prompt_file  # noqa: E402
-from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES, strategies_for  # noqa: E402
+from emoprompt.prompting.prompt_file import load_prompt_file  # noqa: E402
+from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES, strategies_for
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 

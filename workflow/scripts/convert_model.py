@@ -3,7 +3,7 @@
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
 from emoprompt.infra.logs import setup_logging
-from emoprompt.models.loading import convert_gguf, embedded_gguf_path
+from emoprompt.models.gguf import convert_gguf, embedded_gguf_path
 
 
 def main(snakemake) -> None:

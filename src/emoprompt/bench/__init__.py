@@ -1,1 +1,1 @@
-"""placeholder"""
+"""emoprompt subpackage."""

@@ -8,16 +8,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from emoprompt.data.splits import read_split
-from emoprompt.evaluation.strategies import (
-    STRATEGIES,
-    Result,
-    Settings,
-    run_baseline,
-    run_llm_strategy,
-    write_result,
-)
+from emoprompt.evaluation.predictions import Result, write_result
+from emoprompt.evaluation.runner import run_baseline, run_llm_strategy
+from emoprompt.evaluation.strategies import STRATEGIES, Settings
 from emoprompt.infra.runtime import configure_cpu
-from emoprompt.prompting.render import load_prompt_file
+from emoprompt.models.adapter import adapter_prompt
+from emoprompt.models.spec import ModelSpec
+from emoprompt.prompting.prompt_file import load_prompt_file
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +64,11 @@ def run_prediction(
         # A study grid's few-shot seed replaces the prompt file's.
         seed = int(settings["fewshot_seed"])
         prompt = dataclasses.replace(prompt, settings={**prompt.settings, "seed": seed})
-    if entry.get("adapter"):  # a fine-tuned model answers with the labels it was trained on
-        from emoprompt.training.job import adapter_prompt
-
-        prompt = adapter_prompt(prompt, entry["adapter"])
+    spec = ModelSpec.of(entry)
+    if spec.adapter:  # a fine-tuned model answers with the labels it was trained on
+        prompt = adapter_prompt(prompt, spec.adapter)
     train, sample = read_split(train_path), read_split(sample_path)
-    loaded = load_model(dict(entry), location)
+    loaded = load_model(spec, location)
     device = loaded.info.get("device", "cpu")
     batch_size = engine_settings.get("batch_size", "auto")
     batch_size = auto_batch_size(device) if batch_size == "auto" else int(batch_size)
@@ -93,7 +89,7 @@ def run_prediction(
         packed_weights=engine_settings.get("packed_weights", True),
     )
     run_settings = settings_from_config(settings)
-    run_settings.chat_template_kwargs = dict(entry.get("chat_template_kwargs") or {})
+    run_settings.chat_template_kwargs = dict(spec.chat_template_kwargs)
     result = run_llm_strategy(
         strategy, engine, loaded.tokenizer, prompt, train, sample, run_settings
     )

@@ -23,7 +23,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from emoprompt.evaluation.strategies import read_predictions
+from emoprompt.evaluation.predictions import read_predictions
 from emoprompt.infra.files import write_json
 from emoprompt.labels import LABELS
 

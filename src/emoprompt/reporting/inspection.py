@@ -6,8 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from emoprompt.data.splits import read_split
+from emoprompt.inference.tokens import TokenizerRules
 from emoprompt.infra.files import atomic_open
-from emoprompt.prompting.render import chat_messages, load_prompt_file, render_chat, render_plain
+from emoprompt.models.adapter import adapter_prompt
+from emoprompt.models.spec import ModelSpec
+from emoprompt.prompting.prompt_file import load_prompt_file
+from emoprompt.prompting.render import render
 
 GPT2_SPACE = "Ġ"  # how byte-level BPE shows the space byte inside a token
 GPT2_NEWLINE = "Ċ"
@@ -117,25 +121,20 @@ def write_inspection(
     out: str,
 ) -> None:
     """Load the model and write its inspection page to ``out``."""
-    from emoprompt.inference.engine import Engine
     from emoprompt.models.loading import load_model
 
-    loaded = load_model(dict(entry), location)
+    spec = ModelSpec.of(entry)
+    loaded = load_model(spec, location)
     tweet = read_split(sample_path)["tweet"].iloc[0]
-    if entry["prompt_format"] == "plain":
+    if spec.prompt_format == "plain":
         prompt = load_prompt_file(finetuned_prompt_path, "finetuned")
-        text = render_plain(prompt, tweet).text
     else:
         prompt = load_prompt_file(prompt_path, "zero_shot")
-        kwargs = entry.get("chat_template_kwargs") or {}
-        text = render_chat(loaded.tokenizer, chat_messages(prompt, tweet), kwargs).text
-    if entry.get("adapter"):  # a fine-tuned model's own label set
-        from emoprompt.training.job import adapter_prompt
-
-        prompt = adapter_prompt(prompt, entry["adapter"])
+    if spec.adapter:  # a fine-tuned model's own label set (and template)
+        prompt = adapter_prompt(prompt, spec.adapter)
+    text = render(prompt, tweet, loaded.tokenizer, template_kwargs=spec.chat_template_kwargs).text
     labels = list(prompt.labels)
-    engine = Engine(loaded.model, loaded.tokenizer, progress=False)
-    label_tokens = engine.label_tokens(labels, text)
+    label_tokens = TokenizerRules(loaded.tokenizer).label_tokens(labels, text)
     page = inspection_markdown(
         model_name, loaded.model, loaded.tokenizer, loaded.info, tweet, text, labels, label_tokens
     )

@@ -1,0 +1,195 @@
+"""The benchmark's written result: ratios, the goals, and the tables of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from emoprompt.bench.measure import BENCH_SEED, GAUGE_SHAPE, NOTEBOOK, WARMUP_TWEETS
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill ``ratio_vs_notebook`` from the notebook row's tweets/s (None without one)."""
+    base = next((r["tweets_per_s"] for r in rows if r["method"] == NOTEBOOK), None)
+    for r in rows:
+        r["ratio_vs_notebook"] = round(r["tweets_per_s"] / base, 2) if base else None
+    return rows
+
+
+def _find(rows, method, shots=None, batch_size=None, prefix_cache=True):
+    for r in rows:
+        if (
+            r["method"] == method
+            and (shots is None or r["shots"] == shots)
+            and (batch_size is None or r["batch_size"] == batch_size)
+            and r["prefix_cache"] == prefix_cache
+        ):
+            return r
+    return None
+
+
+def targets(rows: Sequence[Mapping[str, Any]], batch_size: int) -> list[tuple[str, Any, bool]]:
+    """The goals the engine is held to, each with the measured figure and whether it holds."""
+    out: list[tuple[str, Any, bool]] = []
+
+    def ratio(method, shots, goal):
+        r = _find(rows, method, shots, batch_size)
+        if r and r.get("ratio_vs_notebook") is not None:
+            label = f"{method}, {shots} shots: at least {goal}x the notebook's way"
+            out.append((label, f"{r['ratio_vs_notebook']:.2f}x", r["ratio_vs_notebook"] >= goal))
+
+    ratio("zero_shot_first_token", 0, 15)
+    ratio("few_shot_first_token", 10, 10)
+    ratio("zero_shot_generate", 0, 3)
+    ratio("few_shot_generate", 10, 3)
+    ratio("zero_shot_label_likelihood", 0, 5)
+    r = _find(rows, "zero_shot_label_likelihood", 0, batch_size)
+    if r:
+        mib = r["peak_rss_mib"]
+        out.append(
+            ("zero_shot_label_likelihood: peak memory under 2 GiB", f"{mib:.0f} MiB", mib < 2048)
+        )
+    zero = _find(rows, "zero_shot_first_token", 0, batch_size)
+    twenty = _find(rows, "few_shot_first_token", 20, batch_size)
+    if zero and twenty:
+        share = twenty["tweets_per_s"] / zero["tweets_per_s"]
+        out.append(
+            ("20-shot first token at least half the zero-shot rate", f"{share:.2f}", share >= 0.5)
+        )
+    checked = [r for r in rows if r.get("same_predictions") is not None]
+    if checked:
+        same = sum(bool(r["same_predictions"]) for r in checked)
+        out.append(
+            (
+                "predictions equal the unbatched, uncached path's",
+                f"{same} of {len(checked)} cases",
+                same == len(checked),
+            )
+        )
+    return out
+
+
+def _cell(value, fmt="{}"):
+    return "" if value is None else fmt.format(value)
+
+
+def _agreement(r) -> str:
+    if r.get("same_predictions") is None:
+        return "(reference)" if r.get("is_reference") else ""
+    text = "yes" if r["same_predictions"] else "**no**"
+    return f"{text} ({r['agreeing']}/{r['tweets']})"
+
+
+def render_markdown(rows: list[dict[str, Any]], info: Mapping[str, Any]) -> str:
+    """The tables of BENCHMARKS.md from the benchmark's rows."""
+    batch = info.get("batch_size", 16)
+    lines = [
+        "| method | shots | batch | prefix cache | tweets/s | vs notebook | peak RSS (MiB) | "
+        "same predictions as the unbatched, uncached path |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['shots']} | {r['batch_size']} | "
+            f"{'yes' if r['prefix_cache'] else 'no'} | {r['tweets_per_s']:.2f} | "
+            f"{_cell(r.get('ratio_vs_notebook'), '{:.1f}x')} | {r['peak_rss_mib']:.0f} | "
+            f"{_agreement(r)} |"
+        )
+    table = "\n".join(lines)
+
+    shots = sorted(
+        {
+            r["shots"]
+            for r in rows
+            if r["method"].endswith("first_token") and r["batch_size"] == batch
+        }
+    )
+    zero = _find(rows, "zero_shot_first_token", 0, batch)
+    scaling = [
+        "| shots | prompt tokens fed (mean per tweet) | tweets/s, cache | tweets/s, no cache "
+        "| share of the zero-shot rate |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for k in shots:
+        method = "zero_shot_first_token" if k == 0 else "few_shot_first_token"
+        fast = _find(rows, method, k, batch)
+        slow = _find(rows, method, k, 1, prefix_cache=False)
+        if not fast:
+            continue
+        fed = slow["tokens_in"] / slow["tweets"] if slow and slow.get("tokens_in") else None
+        share = fast["tweets_per_s"] / zero["tweets_per_s"] if zero else None
+        scaling.append(
+            f"| {k} | {_cell(fed, '{:.0f}')} | {fast['tweets_per_s']:.2f} | "
+            f"{_cell(slow and slow['tweets_per_s'], '{:.2f}')} | {_cell(share, '{:.2f}')} |"
+        )
+
+    batches = [
+        "| method | shots | batch | tweets/s | peak RSS (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(
+        (r for r in rows if r["prefix_cache"] and r["method"].endswith("first_token")),
+        key=lambda r: (r["shots"], r["batch_size"]),
+    ):
+        batches.append(
+            f"| {r['method']} | {r['shots']} | {r['batch_size']} | {r['tweets_per_s']:.2f} | "
+            f"{r['peak_rss_mib']:.0f} |"
+        )
+
+    goals = ["| goal | measured | met |", "|---|---:|---|"]
+    for label, value, ok in targets(rows, batch):
+        goals.append(f"| {label} | {value} | {'yes' if ok else '**no**'} |")
+
+    return "\n\n".join(
+        [
+            "### All measurements\n\n" + table,
+            "### Goals\n\n" + "\n".join(goals),
+            "### Cost against the number of shots (first token, batch "
+            f"{batch})\n\n" + "\n".join(scaling),
+            "### Batch size (first token, prefix cache reused)\n\n" + "\n".join(batches),
+        ]
+    )
+
+
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
+
+
+def describe_run(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], day: str) -> str:
+    """The sentence that says what the tables were measured on."""
+    first = rows[0] if rows else {}
+    return (
+        f"Measured {day} by `make bench` on {info['cpu']}, {info['cores']} cores, "
+        f"{info['memory_gib']} GiB; Python {info['python']}, torch {info['torch']}, "
+        f"transformers {info['transformers']}. Model {first.get('model')}, "
+        f"{first.get('dtype')}, {first.get('threads')} torch threads; {first.get('tweets')} "
+        f"test tweets (`random.Random({BENCH_SEED}).sample` of the test split's rows). One "
+        f"process per measurement, after an untimed {WARMUP_TWEETS}-tweet warm-up; tweets/s "
+        "is the median of 3 timed passes for the fast paths, one pass for the slow ones (the "
+        "notebook's way, the references, batches without the prefix cache)." + _machine_speed(rows)
+    )
+
+
+def _machine_speed(rows: Sequence[Mapping[str, Any]]) -> str:
+    speeds = [v for r in rows for v in r.get("matmul_gflops") or ()]
+    if not speeds:
+        return ""
+    rows_, inner, cols = GAUGE_SHAPE
+    return (
+        f" The machine's float32 matrix-product speed ({rows_:,} x {inner} by {inner} x "
+        f"{cols:,}, PyTorch's default path), taken before and after each measurement, ranged "
+        f"from {min(speeds):.0f} to {max(speeds):.0f} GFLOP/s in this run "
+        "(`matmul_gflops` of each row)."
+    )
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with what lies between the markers replaced by ``block`` (the markers are
+    appended when missing); everything outside them is kept."""
+    start, end = MARKERS
+    if start not in text or end not in text:
+        text = f"{text.rstrip()}\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
+
+
+# ---------------------------------------------------------------------- running cases

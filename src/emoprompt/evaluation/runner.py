@@ -1,0 +1,169 @@
+"""Running a strategy over the sample: score or generate, then the predictions.
+
+Scores over a prompt's own labels are mapped onto the seven classes (summing, so the
+fine-tuned model's Neutral counts as Otras); generated answers are parsed into a label,
+and those with none are counted and given the fallback label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from emoprompt.evaluation.baseline import predict_proba_frame, train_tfidf_baseline
+from emoprompt.evaluation.predictions import (
+    Result,
+    predictions_frame,
+    score_columns,
+    timing_record,
+)
+from emoprompt.evaluation.prompts import build_prompts, content_free_prompt
+from emoprompt.evaluation.strategies import BASELINE_MODEL, Settings, Strategy
+from emoprompt.labels import LABELS
+from emoprompt.prompting.parsing import parse_label
+from emoprompt.prompting.prompt_file import PromptFile
+from emoprompt.prompting.render import PromptParts
+
+# Content-free inputs for contextual calibration (Zhao et al., 2021).
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+def _calibration(engine: Any, prompts_cf: list[PromptParts], labels, settings: Settings):
+    logprobs = engine.label_logprobs(prompts_cf, labels, normalize=settings.length_normalize)
+    return _softmax(logprobs).mean(axis=0)
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    shifted = values - values.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def to_seven(probs: np.ndarray, labels: Sequence[str], label_map: Mapping[str, str]) -> np.ndarray:
+    """Map probabilities over a prompt's own labels onto the seven classes (summing)."""
+    out = np.zeros((probs.shape[0], len(LABELS)))
+    for j, label in enumerate(labels):
+        out[:, LABELS.index(label_map[label])] += probs[:, j]
+    return out
+
+
+def _generated(engine: Any, parts, labels, label_map, settings: Settings):
+    """Generate, then parse: (predicted classes, parsed flags, raw answers)."""
+    generations = engine.generate(
+        parts,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        seed=settings.seed,
+    )
+    raw = [g.text for g in generations]
+    answers = [parse_label(text, labels, fallback=None) for text in raw]
+    parsed = [a.parsed for a in answers]
+    predicted = [label_map[a.label] if a.parsed else settings.fallback_label for a in answers]
+    return predicted, parsed, raw
+
+
+def _scored(strategy, engine, tokenizer, prompt, train, sample, parts, settings, record):
+    """Probabilities over the prompt's labels (first token, or calibrated likelihoods)."""
+    labels = prompt.labels
+    if strategy.method == "first_token":
+        record["label_first_tokens"] = engine.label_first_tokens(labels, parts[0].text)
+        return engine.first_token_probs(parts, labels)
+    probs = _softmax(engine.label_logprobs(parts, labels, normalize=settings.length_normalize))
+    if settings.calibrate:
+        content_free = [
+            content_free_prompt(strategy, prompt, tokenizer, train, sample, text, settings)
+            for text in CONTENT_FREE
+        ]
+        prior = _calibration(engine, content_free, labels, settings)
+        probs = probs / prior
+        probs = probs / probs.sum(axis=1, keepdims=True)
+        record["calibration_prior"] = dict(zip(labels, prior.round(6).tolist(), strict=True))
+    return probs
+
+
+def _method_settings(strategy: Strategy, settings: Settings) -> dict[str, Any]:
+    decoding = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "temperature": settings.temperature,
+        "seed": settings.seed,
+    }
+    scoring = {"length_normalize": settings.length_normalize, "calibrate": settings.calibrate}
+    return {
+        "decoding": decoding if strategy.method == "generate" else None,
+        "scoring": scoring if strategy.method == "label_likelihood" else None,
+    }
+
+
+def run_llm_strategy(
+    strategy: Strategy,
+    engine: Any,
+    tokenizer: Any,
+    prompt: PromptFile,
+    train: pd.DataFrame,
+    sample: pd.DataFrame,
+    settings: Settings,
+) -> Result:
+    """Run one prompting strategy over the sample with an engine; return predictions."""
+    labels, label_map = prompt.labels, prompt.label_map
+    parts, record = build_prompts(
+        strategy, prompt, tokenizer, train, sample, settings.chat_template_kwargs
+    )
+    start = time.perf_counter()
+    probs7 = np.full((len(parts), len(LABELS)), np.nan)
+    if strategy.method == "generate":
+        predicted, parsed, raw = _generated(engine, parts, labels, label_map, settings)
+    else:
+        probs = _scored(strategy, engine, tokenizer, prompt, train, sample, parts, settings, record)
+        probs7 = to_seven(probs, labels, label_map)
+        predicted = [LABELS[i] for i in probs7.argmax(axis=1)]
+        parsed, raw = [True] * len(parts), [""] * len(parts)
+    seconds = time.perf_counter() - start
+
+    frame = predictions_frame(sample, predicted, parsed, raw)
+    for j, column in enumerate(score_columns()):
+        frame[column] = probs7[:, j]
+    metadata = {
+        "strategy": strategy.name,
+        "method": strategy.method,
+        "prompt_family": strategy.family,
+        "prompt_file": prompt.path,
+        **record,
+        "labels": list(labels),
+        "label_map": label_map,
+        **_method_settings(strategy, settings),
+        "fallback_label": settings.fallback_label,
+        "unparsed": int(len(parsed) - sum(parsed)),
+        "tokens_in": int(engine.stats.get("tokens_in", 0)),
+        "tokens_out": int(engine.stats.get("tokens_out", 0)),
+        **timing_record(len(frame), seconds),
+    }
+    return Result(frame, metadata)
+
+
+def run_baseline(train: pd.DataFrame, sample: pd.DataFrame, seed: int = 0) -> Result:
+    """The TF-IDF + logistic regression anchor, with the same output files as the LLMs."""
+    start = time.perf_counter()
+    pipeline = train_tfidf_baseline(train, seed=seed)
+    scores = predict_proba_frame(pipeline, sample)
+    seconds = time.perf_counter() - start
+    frame = predictions_frame(sample, scores["predicted"].tolist(), True, "")
+    for label, column in zip(LABELS, score_columns(), strict=True):
+        frame[column] = scores[label].to_numpy()
+    metadata = {
+        "model": BASELINE_MODEL,
+        "strategy": "baseline_tfidf",
+        "method": "tfidf",
+        "description": "TF-IDF word 1-2 + char 2-5 grams, class-balanced logistic regression",
+        "train_tweets": len(train),
+        "seed": seed,
+        "device": "cpu",
+        "unparsed": 0,
+        **timing_record(len(frame), seconds),
+    }
+    return Result(frame, metadata)

@@ -1,0 +1,112 @@
+"""Prompt files: what the user edits, one YAML file per prompt family, checked on load.
+
+``zero_shot`` and ``few_shot`` files hold chat messages (system prompt, user turn, and
+for few-shot the assistant turn, the number of shots and how they are selected);
+``finetuned`` holds the plain template of a fine-tuned model and its label set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emoprompt.labels import LABELS
+
+FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "zero_shot": {"system": str, "user": str},
+    "few_shot": {
+        "system": str,
+        "user": str,
+        "assistant": str,
+        "shots": int,
+        "selection": str,
+        "seed": int,
+        "manual_ids": list,
+    },
+    "finetuned": {"template": str, "labels": list, "label_map": dict},
+}
+OPTIONAL_KEYS = {"few_shot": {"manual_ids", "seed"}, "finetuned": {"label_map"}}
+
+
+def prompt_format(family: str) -> str:
+    """``plain`` for the fine-tuned family's template, ``chat`` for the others."""
+    return "plain" if family == "finetuned" else "chat"
+
+
+class PromptError(ValueError):
+    """A prompt file is malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class PromptFile:
+    """A validated prompt file of one strategy family."""
+
+    family: str
+    path: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def format(self) -> str:
+        """How the prompt is written: ``plain`` text (a fine-tuned model's template) or
+        through the model's ``chat`` template."""
+        return prompt_format(self.family)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The answer labels this prompt asks for (the fine-tuned model has its own)."""
+        return tuple(self.settings.get("labels", LABELS))
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        """Prompt label -> one of the seven classes."""
+        mapping = {label: label for label in self.labels}
+        mapping.update(self.settings.get("label_map", {}))
+        return mapping
+
+
+def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
+    """Read and check a prompt file of ``family`` (zero_shot, few_shot or finetuned)."""
+    if family not in FAMILY_KEYS:
+        raise PromptError(f"unknown prompt family {family!r}")
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PromptError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PromptError(f"{path}: expected a mapping of settings")
+    expected = FAMILY_KEYS[family]
+    unknown = sorted(set(data) - set(expected))
+    if unknown:
+        raise PromptError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(expected)}"
+        )
+    for key, kind in expected.items():
+        if key not in data:
+            if key in OPTIONAL_KEYS.get(family, set()):
+                continue
+            raise PromptError(f"{path}: missing key {key!r}")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise PromptError(f"{path}: {key!r} must be a {getattr(kind, '__name__', kind)}")
+    for key in ("user", "template"):
+        if key in data and "{tweet}" not in data[key]:
+            raise PromptError(f"{path}: {key!r} must contain the placeholder {{tweet}}")
+    if family == "few_shot" and "{label}" not in data["assistant"]:
+        raise PromptError(f"{path}: 'assistant' must contain the placeholder {{label}}")
+    if family == "finetuned":
+        bad = [t for t in data.get("label_map", {}).values() if t not in LABELS]
+        unmapped = [
+            lab
+            for lab in data["labels"]
+            if lab not in LABELS and lab not in data.get("label_map", {})
+        ]
+        if bad or unmapped:
+            raise PromptError(
+                f"{path}: every label must be one of {', '.join(LABELS)} or mapped to one "
+                f"in label_map (problem with: {', '.join(bad + unmapped)})"
+            )
+    return PromptFile(family=family, path=str(path), settings=data)
