@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,12 @@ import pytest
 from conftest import REPO
 
 from emoprompt.data.splits import read_split, write_split
+from emoprompt.evaluation.prompts import build_prompts
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
 from emoprompt.inference.engine import Engine
+from emoprompt.inference.planning import BatchPlanner
+from emoprompt.inference.tokens import TokenizerRules
 from emoprompt.labels import LABELS
 from emoprompt.models.adapter import TRAIN_IDS_FILE, TRAINING_CONFIG, adapter_prompt
 from emoprompt.models.loading import load_model
@@ -139,6 +143,46 @@ def test_loss_mask_covers_exactly_the_answer_and_end_token(fmt, llama3_tokenizer
             assert head.endswith(prompt) or head == prompt
         batch = collate(examples[:4], tokenizer.pad_token_id)
         assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_training_and_evaluation_tokenise_a_prompt_and_its_labels_identically(
+    fmt, llama3_tokenizer, smollm2
+):
+    """The tokens fine-tuning trains on are those evaluation feeds and scores: the prompt
+    as the engine's batch planner encodes it, then the label as the engine's label
+    scoring tokenises it after that prompt, then the end of turn."""
+    strategy = STRATEGIES["finetuned_first_token" if fmt == "plain" else "zero_shot_first_token"]
+    path = FINETUNED_PROMPT if fmt == "plain" else ZERO_SHOT_PROMPT
+    prompt = load_prompt_file(path, strategy.family)
+    labels = list(prompt.labels)
+    answers = answer_for_class(labels, prompt.label_map)  # fine-tuned: Neutral for Otras
+    sample = synthetic_split(40, seed=5)
+    sample = sample[sample["label"].isin(list(answers))].reset_index(drop=True)
+    for tokenizer in (llama3_tokenizer, smollm2[1]):
+        rules = TokenizerRules(tokenizer)
+        examples = build_examples(sample, tokenizer, PromptSpec(fmt, prompt), answers, 512)
+        parts, _ = build_prompts(strategy, prompt, tokenizer, sample.iloc[:0], sample)
+        planner = BatchPlanner(
+            rules=rules,
+            stats=Counter(fallbacks=0),
+            shares_prefix=lambda prefix, width: False,
+            batch_size=16,
+            max_batch_tokens=10**9,
+            pass_cost_tokens=32,
+        )
+        fed = {}
+        for group in planner.plan(parts):
+            for item in group.items:
+                fed[item.index] = group.prefix_ids + item.ids
+        scored = rules.label_seqs([p.text for p in parts], labels)
+        for i, (example, row) in enumerate(zip(examples, sample.itertuples(), strict=True)):
+            n = sum(t != IGNORE for t in example.labels)
+            assert example.input_ids[:-n] == fed[i]
+            answer = scored[i][labels.index(answers[row.label])] + [rules.end_of_turn_id]
+            assert example.input_ids[-n:] == answer
+            bos = tokenizer.bos_token_id  # never doubled (chat templates write their own)
+            assert example.input_ids[:2] != [bos, bos]
 
 
 def test_long_tweets_are_shortened_but_their_answer_kept(smollm2):

@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""The inference benchmark behind BENCHMARKS.md: measurements and their tables."""

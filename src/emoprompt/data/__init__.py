@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""The EmoEvalEs data: download with checksums, validated splits, the seeded evaluation sample."""

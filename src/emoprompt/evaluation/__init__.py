@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""Evaluation: strategies, the prediction job, prediction files, metrics, the baseline."""

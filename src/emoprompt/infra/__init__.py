@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""Helpers every layer may use: atomic files, logging, CPU runtime, devices, provenance."""

@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""Models: catalogue entries (ModelSpec), loading, the GGUF conversion, the adapter folder."""

@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""Prompts: prompt files, rendering a tweet into a prompt, few-shot selection, parsing."""

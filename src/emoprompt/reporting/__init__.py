@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""Reporting: the results table and figures, study grids, model inspection pages."""

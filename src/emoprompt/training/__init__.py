@@ -1,1 +1,1 @@
-"""emoprompt subpackage."""
+"""Fine-tuning: settings, training data, LoRA, checkpoints, the loop, the training job."""
