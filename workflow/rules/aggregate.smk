@@ -18,13 +18,57 @@ rule metrics:
         strategy=aggregate_strategy_pattern(),
     conda:
         "../envs/report.yaml"
+    params:
+        statistics=config["statistics"],
     script:
         "../scripts/metrics.py"
+
+
+rule compare:
+    input:
+        predictions=comparison_predictions(),
+        metrics=metrics_outputs(),
+    output:
+        md=report(
+            "results/comparisons.md",
+            caption="../report/comparisons.rst",
+            category="Results",
+            labels={"table": "paired comparisons (Markdown)"},
+        ),
+        csv=report(
+            "results/comparisons.csv",
+            caption="../report/comparisons.rst",
+            category="Results",
+            labels={"table": "paired comparisons (CSV)"},
+        ),
+        forest=report(
+            "results/figures/macro_f1_intervals.png",
+            caption="../report/macro_f1_intervals.rst",
+            category="Results",
+            labels={"figure": "macro F1 with intervals"},
+        ),
+        differences=report(
+            "results/figures/macro_f1_differences.png",
+            caption="../report/macro_f1_differences.rst",
+            category="Results",
+            labels={"figure": "pairwise differences"},
+        ),
+    log:
+        "logs/compare/compare.log",
+    conda:
+        "../envs/report.yaml"
+    params:
+        pairs=tracked_pairs,
+        baseline=comparison_baseline,
+        statistics=config["statistics"],
+    script:
+        "../scripts/compare.py"
 
 
 rule results_table:
     input:
         metrics=metrics_outputs(),
+        comparisons="results/comparisons.csv",
     output:
         md=report(
             "results/results_table.md",
@@ -44,6 +88,7 @@ rule results_table:
         "../envs/report.yaml"
     params:
         models=table_models,
+        statistics=config["statistics"],
     script:
         "../scripts/results_table.py"
 

@@ -286,10 +286,26 @@ def track_inputs(wildcards):
     }
 
 
+def comparison_predictions():
+    """Every run's predictions, in the order of tracked_pairs (the compare rule's input)."""
+    return [f"results/predictions/{m}/{s}.tsv" for m, s in prediction_pairs()]
+
+
+def comparison_baseline(wildcards):
+    """The baseline's run name, model/strategy, when it is part of the study."""
+    if "baseline_tfidf" in config["strategies"]:
+        return f"{BASELINE_MODEL}/baseline_tfidf"
+    return None
+
+
 def aggregate_outputs():
     return [
         "results/results_table.md",
         "results/results_table.csv",
+        "results/comparisons.md",
+        "results/comparisons.csv",
+        "results/figures/macro_f1_intervals.png",
+        "results/figures/macro_f1_differences.png",
         *metrics_outputs(),
         *figure_outputs(),
         "results/mlflow_runs.tsv",

@@ -3,6 +3,7 @@
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
 from emoprompt.evaluation.metrics import write_metrics
+from emoprompt.evaluation.statistics import StatisticsSettings
 from emoprompt.infra.logs import setup_logging
 from emoprompt.reporting.results import confusion_title, write_confusion_figure
 
@@ -15,6 +16,7 @@ def main(snakemake) -> None:
         snakemake.output.metrics,
         model=snakemake.wildcards.model,
         strategy=snakemake.wildcards.strategy,
+        statistics=StatisticsSettings.from_mapping(snakemake.params.statistics),
     )
     write_confusion_figure(
         metrics["confusion"],

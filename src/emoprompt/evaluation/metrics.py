@@ -24,6 +24,7 @@ from sklearn.metrics import (
 )
 
 from emoprompt.evaluation.predictions import read_predictions
+from emoprompt.evaluation.statistics import StatisticsSettings, score_intervals
 from emoprompt.infra.files import write_json
 from emoprompt.labels import LABELS
 
@@ -74,11 +75,14 @@ def compute_metrics(
     predictions: pd.DataFrame,
     metadata: Mapping[str, Any] | None = None,
     labels: Sequence[str] = LABELS,
+    statistics: StatisticsSettings | None = None,
 ) -> dict[str, Any]:
     """Every score of one run: macro/weighted F1, accuracy, per-class P/R/F1, unparsed rate.
 
     ``metadata`` (the prediction job's JSON) supplies what the predictions do not hold:
     the run's speed (``seconds``, ``tweets_per_s``) and its model, strategy and method.
+    With ``statistics``, ``intervals`` holds each score's bootstrap interval
+    (:func:`emoprompt.evaluation.statistics.score_intervals`).
     """
     metadata = metadata or {}
     labels = list(labels)
@@ -122,6 +126,14 @@ def compute_metrics(
         "confusion": matrix.tolist(),
         "seconds": metadata.get("seconds"),
         "tweets_per_s": float(speed) if speed is not None else None,
+        **(_intervals(gold, predicted, labels, statistics) if statistics else {}),
+    }
+
+
+def _intervals(gold, predicted, labels, statistics: StatisticsSettings) -> dict[str, Any]:
+    return {
+        "intervals": score_intervals(gold.tolist(), predicted.tolist(), statistics, labels),
+        "statistics": statistics.record(),
     }
 
 
@@ -156,6 +168,9 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for label, scores in metrics["per_class"].items():
         for score in ("precision", "recall", "f1", "support"):
             flat[f"{score}_{ascii_name(label)}"] = float(scores[score])
+    for name, interval in (metrics.get("intervals") or {}).items():
+        flat[f"{ascii_name(name)}_ci_low"] = float(interval["low"])
+        flat[f"{ascii_name(name)}_ci_high"] = float(interval["high"])
     return flat
 
 
@@ -171,10 +186,12 @@ def write_metrics(
     *,
     model: str | None = None,
     strategy: str | None = None,
+    statistics: StatisticsSettings | None = None,
 ) -> dict[str, Any]:
     """Score a predictions TSV (with its metadata JSON) and write the metrics JSON."""
     metadata = read_metadata(metadata_path) if metadata_path else {}
-    metrics = compute_metrics(read_predictions(str(predictions_path)), metadata)
+    predictions = read_predictions(str(predictions_path))
+    metrics = compute_metrics(predictions, metadata, statistics=statistics)
     if model is not None:
         metrics["model"] = model
     if strategy is not None:

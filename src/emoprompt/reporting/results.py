@@ -34,6 +34,9 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "unparsed %",
     "tweets/s",
 )
+# Each run's bootstrap interval, where its metrics have one: extra CSV columns, and in
+# Markdown beside the score as "0.253 [0.180, 0.330]".
+INTERVAL_COLUMNS: dict[str, str] = {"F1 macro": "f1_macro", "accuracy": "accuracy"}
 # The notebook's five experiments, then the added ones (the baseline last): the order
 # of STRATEGIES.
 EXPERIMENT_ORDER: tuple[str, ...] = tuple(STRATEGIES)
@@ -82,15 +85,32 @@ def results_table(
                 "F1 weighted": m["f1_weighted"],
                 "unparsed %": 100.0 * m["unparsed_rate"],
                 "tweets/s": float(speed) if speed is not None else math.nan,
+                **_interval_cells(m),
             }
         )
     rows.sort(key=lambda r: (_rank(r["experiment"], EXPERIMENT_ORDER), _rank(r["model"], models)))
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    extra = [c for c in _interval_names() if any(c in r for r in rows)]
+    return pd.DataFrame(rows, columns=[*TABLE_COLUMNS, *extra])
 
 
-def table_markdown(table: pd.DataFrame) -> str:
-    """The table as GitHub-flavoured Markdown (numbers right-aligned, unknowns blank)."""
-    columns = list(table.columns)
+def _interval_names() -> list[str]:
+    return [f"{column} {end}" for column in INTERVAL_COLUMNS for end in ("low", "high")]
+
+
+def _interval_cells(metrics: Mapping[str, Any]) -> dict[str, float]:
+    intervals = metrics.get("intervals") or {}
+    cells = {}
+    for column, name in INTERVAL_COLUMNS.items():
+        if name in intervals:
+            cells[f"{column} low"] = intervals[name]["low"]
+            cells[f"{column} high"] = intervals[name]["high"]
+    return cells
+
+
+def table_markdown(table: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """The table as GitHub-flavoured Markdown (numbers right-aligned, unknowns blank), a
+    score with its interval as ``value [low, high]``; ``notes`` follow as paragraphs."""
+    columns = [c for c in table.columns if c not in _interval_names()]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---:" if c in _MARKDOWN_FORMATS else "---" for c in columns) + "|",
@@ -101,15 +121,24 @@ def table_markdown(table: pd.DataFrame) -> str:
             value = row[column]
             if column in _MARKDOWN_FORMATS:
                 value = "" if pd.isna(value) else _MARKDOWN_FORMATS[column].format(value)
+                low, high = row.get(f"{column} low"), row.get(f"{column} high")
+                if value and low is not None and not pd.isna(low):
+                    value += f" [{low:.3f}, {high:.3f}]"
             cells.append(str(value).replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    for note in notes:
+        text += "\n" + note + "\n"
+    return text
 
 
-def write_table(table: pd.DataFrame, md_path: str | Path, csv_path: str | Path) -> None:
-    """Write the table as Markdown and as CSV (4 decimals; an unknown speed left empty)."""
+def write_table(
+    table: pd.DataFrame, md_path: str | Path, csv_path: str | Path, notes: Sequence[str] = ()
+) -> None:
+    """Write the table as Markdown (with ``notes`` below it) and as CSV (4 decimals; an
+    unknown speed left empty)."""
     with atomic_open(md_path) as handle:
-        handle.write(table_markdown(table))
+        handle.write(table_markdown(table, notes))
     with atomic_open(csv_path, newline="") as handle:
         table.round(4).to_csv(handle, index=False, lineterminator="\n")
 
@@ -177,10 +206,11 @@ def write_results_table(
     md_path: str | Path,
     csv_path: str | Path,
     model_order: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Read metrics JSON files, build the results table and write it as Markdown and CSV."""
     from emoprompt.evaluation.metrics import read_metadata
 
     table = results_table([read_metadata(p) for p in metrics_paths], model_order)
-    write_table(table, md_path, csv_path)
+    write_table(table, md_path, csv_path, notes)
     return table
