@@ -85,3 +85,68 @@ def test_one_mlflow_run_per_model_and_strategy(finished_run: Path):
             "WHERE t.key = 'emoprompt.key' AND r.lifecycle_stage = 'active'"
         ).fetchall()
     assert len(keys) == 7 and len(set(keys)) == 7
+
+
+def _intervals(workflow: Path) -> dict[str, dict]:
+    return {
+        path.parent.name + "/" + path.stem: json.loads(path.read_text())["intervals"]
+        for path in sorted((workflow / "results" / "metrics").glob("*/*.json"))
+    }
+
+
+def test_every_row_has_its_interval_and_every_pair_its_test(finished_run: Path):
+    table = pd.read_csv(finished_run / "results" / "results_table.csv")
+    assert (table["F1 macro low"] <= table["F1 macro"] + 1e-9).all()
+    assert (table["F1 macro"] <= table["F1 macro high"] + 1e-9).all()
+    markdown = (finished_run / "results" / "results_table.md").read_text()
+    assert "cannot be told apart from chance" in markdown
+    comparisons = pd.read_csv(finished_run / "results" / "comparisons.csv")
+    rows = [f"smollm2-135m-instruct/{s}" for s in table["experiment"] if s != "baseline_tfidf"]
+    pairs = {(a, b) for a, b in zip(comparisons["a"], comparisons["b"], strict=True)}
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            assert (a, b) in pairs
+        assert (a, "baseline/baseline_tfidf") in pairs and (a, "floor/always_Otras") in pairs
+    assert len(comparisons) == len(rows) * (len(rows) - 1) // 2 + len(rows) + len(rows) + 1
+    for name in ("macro_f1_intervals.png", "macro_f1_differences.png"):
+        assert (finished_run / "results" / "figures" / name).stat().st_size > 10_000
+
+
+def test_aggregating_again_gives_the_same_intervals_and_no_new_runs(
+    finished_run: Path, data_dir: Path
+):
+    before = _intervals(finished_run)
+    comparisons = (finished_run / "results" / "comparisons.csv").read_text()
+    result = run_snakemake(
+        finished_run,
+        "--resources",
+        "gpu=1",
+        "--forcerun",
+        "metrics",
+        "--config",
+        "sample_size=6",
+        "sample_scheme=stratified",
+        f"data_source={data_dir / 'emoeval_data.zip'}",
+    )
+    assert _intervals(finished_run) == before
+    assert (finished_run / "results" / "comparisons.csv").read_text() == comparisons
+    assert "Rule: metrics" in result.stderr and "Rule: predict" not in result.stderr
+    test_one_mlflow_run_per_model_and_strategy(finished_run)
+
+
+def test_the_report_shows_the_intervals(finished_run: Path, data_dir: Path):
+    run_snakemake(
+        finished_run,
+        "--report",
+        "results/report.zip",
+        "--config",
+        "sample_size=6",
+        "sample_scheme=stratified",
+        f"data_source={data_dir / 'emoeval_data.zip'}",
+    )
+    import zipfile
+
+    with zipfile.ZipFile(finished_run / "results" / "report.zip") as archive:
+        names = archive.namelist()
+    assert any(name.endswith("macro_f1_intervals.png") for name in names), names[:20]
+    assert any(name.endswith("macro_f1_differences.png") for name in names)

@@ -5,7 +5,7 @@ TF-IDF baseline, and each row against the majority-class floor (always ``Otras``
 largest class). Each comparison has the paired bootstrap of the macro-F1 difference
 (interval and p-value) and the exact McNemar test on correctness; each family of
 p-values is corrected for multiple comparisons with Holm's method, and a difference is
-called significant when its Holm-corrected bootstrap p-value is below ``1 - confidence``.
+called significant when its Holm-corrected bootstrap p-value is at most ``1 - confidence``.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from scipy import stats
 from emoprompt.labels import LABELS
 
 METHODS = ("percentile", "basic", "BCa")
+# Resamples computed at once: bounds the memory to a few arrays of BATCH x tweets.
+BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class StatisticsSettings:
     """The ``statistics:`` block of config.yaml (see the schema)."""
 
     confidence: float = 0.95
-    resamples: int = 2000
+    resamples: int = 9999
     seed: int = 0
     method: str = "percentile"
 
@@ -113,6 +115,7 @@ def _bootstrap(data: tuple[np.ndarray, ...], statistic, settings: StatisticsSett
         n_resamples=settings.resamples,
         confidence_level=settings.confidence,
         method=settings.method,
+        batch=BATCH,
         random_state=np.random.default_rng(settings.seed),
     )
 

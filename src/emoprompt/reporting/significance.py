@@ -39,8 +39,14 @@ def forest_plot(
     y = np.arange(len(names))[::-1]
     ax.errorbar(values, y, xerr=[values - low, high - values], fmt="o", color="#14c", capsize=4)
     for yi, v, lo, hi in zip(y, values, low, high, strict=True):
-        ax.annotate(f"{v:.3f} [{lo:.2f}, {hi:.2f}]", (hi, yi), xytext=(6, 0),
-                    textcoords="offset points", va="center", fontsize=8)
+        ax.annotate(
+            f"{v:.3f} [{lo:.2f}, {hi:.2f}]",
+            (hi, yi),
+            xytext=(6, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
     if floor is not None:
         ax.axvline(floor, color="#c33", linestyle="--", label=f"always Otras ({floor:.3f})")
     if baseline is not None:
@@ -50,7 +56,7 @@ def forest_plot(
     ax.set_xlabel(f"macro F1 with its {confidence:.0%} bootstrap interval")
     ax.grid(axis="x", alpha=0.3)
     if floor is not None or baseline is not None:
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
     tweets = metrics[0]["tweets"] if metrics else 0
     ax.set_title(f"Macro F1 per run, {tweets} tweets")
     return figure
@@ -74,13 +80,17 @@ def difference_matrix(table: pd.DataFrame) -> Figure:
     limit = float(np.nanmax(np.abs(values))) if n > 1 and np.isfinite(values).any() else 1.0
     image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit)
     figure.colorbar(image, ax=ax, shrink=0.8, label="macro F1, row minus column")
-    short = [name.split("/", 1)[-1] if "/" in name else name for name in names]
+    models = {name.split("/", 1)[0] for name in names if name.split("/", 1)[0] != "baseline"}
+    short = names if len(models) > 1 else [name.split("/", 1)[-1] for name in names]
     ax.set_xticks(range(n), short, rotation=45, ha="right")
     ax.set_yticks(range(n), short)
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
             text = f"{value:+.3f}" + ("*" if stars[i, j] else "")
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+            dark = abs(value) > limit / 2
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black"
+            )
     ax.set_title("Paired macro-F1 differences (* significant after Holm)")
     return figure
 
