@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, run_snakemake
+from scipy import stats
 
 from emoprompt.data.splits import read_split
 from emoprompt.evaluation.predictions import Result, score_columns, write_result
@@ -44,7 +45,13 @@ def test_grid_table_is_the_mean_and_std_over_seeds(tmp_path: Path) -> None:
     assert few["accuracy mean"] == pytest.approx(0.45)
     assert np.isnan(table.iloc[0]["F1 macro std"])  # one run: no spread
     markdown = grid_markdown(table)
-    assert f"| {MODEL} | few_shot_first_token | 4 | 0.350 ± 0.129 |" in markdown
+    spread = np.std([0.2, 0.3, 0.4, 0.5], ddof=1) / 2
+    low, high = stats.t.interval(0.95, 3, loc=0.35, scale=spread)
+    assert few["F1 macro ci low"] == pytest.approx(low)
+    assert few["F1 macro ci high"] == pytest.approx(high)
+    assert np.isnan(table.iloc[0]["F1 macro ci low"])
+    cell = f"0.350 ± 0.129 [{low:.3f}, {high:.3f}]"
+    assert f"| {MODEL} | few_shot_first_token | 4 | {cell} |" in markdown
     assert f"| {MODEL} | zero_shot_first_token | 1 | 0.100 |" in markdown
 
     paths = []
@@ -167,6 +174,14 @@ def test_a_two_by_two_grid_gives_the_mean_std_table_the_figure_and_one_run_per_s
     assert "| runs |" in markdown and " ± " in markdown
     figure = workflow_dir / "results/figures/strategies_by_model.png"
     assert figure.read_bytes().startswith(PNG)
+    pooled = pd.read_csv(workflow_dir / "results/grid_comparisons.csv")
+    few = f"{MODEL}/few_shot_first_token"
+    assert pooled[["a", "b", "samples", "runs_a", "runs_b"]].values.tolist() == [
+        [few, "baseline/baseline_tfidf", 2, 4, 2],
+        [few, "floor/always_Otras", 2, 4, 2],
+        ["baseline/baseline_tfidf", "floor/always_Otras", 2, 2, 2],
+    ]
+    assert (pooled["difference_low"] <= pooled["difference"]).all()
 
     tracked = pd.read_csv(workflow_dir / "results/grid/mlflow_runs.tsv", sep="\t")
     assert sorted(tracked["key"]) == sorted(

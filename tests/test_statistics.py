@@ -13,6 +13,8 @@ from statsmodels.stats.multitest import multipletests
 from emoprompt.evaluation.comparisons import (
     FLOOR,
     Run,
+    SeededRun,
+    compare_pooled,
     compare_runs,
     comparison_plan,
     comparisons_markdown,
@@ -24,6 +26,7 @@ from emoprompt.evaluation.statistics import (
     holm,
     mcnemar_exact,
     paired_difference,
+    pooled_difference,
     score_intervals,
 )
 from emoprompt.labels import LABELS
@@ -208,3 +211,43 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="method"):
         StatisticsSettings.from_mapping({"method": "jackknife"})
     assert StatisticsSettings.from_mapping({"confidence": 0.9}).alpha == pytest.approx(0.1)
+
+
+def test_pooled_difference_over_one_sample_is_the_paired_difference():
+    gold, good = classifier(150, 0.7, seed=21)
+    _, bad = classifier(150, 0.3, seed=21)
+    one = pooled_difference([(gold, [good], [bad])], SETTINGS)
+    paired = paired_difference(gold, good, bad, SETTINGS)
+    assert one.value == pytest.approx(paired.value)
+    assert one.low == pytest.approx(paired.low, abs=0.02)
+    assert one.high == pytest.approx(paired.high, abs=0.02)
+    assert pooled_difference([(gold, [good], [good])], SETTINGS).p_value == 1.0
+
+
+def test_pooling_samples_averages_them_and_narrows_the_interval():
+    groups, singles = [], []
+    for seed in (31, 32, 33):
+        gold, a = classifier(100, 0.55, seed=seed)
+        _, b = classifier(100, 0.45, seed=seed)
+        groups.append((gold, [a], [b]))
+        singles.append(paired_difference(gold, a, b, SETTINGS))
+    pooled = pooled_difference(groups, SETTINGS)
+    assert pooled.value == pytest.approx(np.mean([d.value for d in singles]))
+    assert pooled.high - pooled.low < np.mean([d.high - d.low for d in singles])
+
+
+def test_grid_rows_are_compared_over_the_samples_both_scored():
+    runs = []
+    for seed in (1, 2):
+        gold, good = classifier(50, 0.8, seed=seed)
+        _, poor = classifier(50, 0.3, seed=seed)
+        ids = [f"s{seed}-{i}" for i in range(50)]
+        frame = pd.DataFrame({"id": ids, "gold": gold})
+        runs.append(SeededRun("m/good", seed, frame.assign(predicted=good)))
+        runs.append(SeededRun("m/good", seed, frame.assign(predicted=good)))  # 2 shot seeds
+        runs.append(SeededRun("m/poor", seed, frame.assign(predicted=poor)))
+    table = compare_pooled(runs, SETTINGS)
+    row = table[(table["a"] == "m/good") & (table["b"] == "m/poor")].iloc[0]
+    assert (row["samples"], row["runs_a"], row["runs_b"]) == (2, 4, 2)
+    assert row["better"] == "m/good" and bool(row["significant"])
+    assert set(table["b"]) == {"m/poor", FLOOR}

@@ -61,6 +61,7 @@ use rule metrics as metrics_grid with:
 rule grid_table:
     input:
         metrics=grid_metrics_outputs(),
+        predictions=grid_files("predictions", "{model}/{strategy}.tsv"),
     output:
         md=report(
             "results/grid_table.md",
@@ -80,12 +81,22 @@ rule grid_table:
             category="Study grid",
             labels={"table": "strategies by model"},
         ),
+        comparisons_md=report(
+            "results/grid_comparisons.md",
+            caption="../report/grid_comparisons.rst",
+            category="Study grid",
+            labels={"table": "pooled paired comparisons (Markdown)"},
+        ),
+        comparisons_csv="results/grid_comparisons.csv",
     log:
         "logs/grid/grid_table.log",
     conda:
         "../envs/report.yaml"
     params:
         models=table_models,
+        runs=grid_run_names,
+        baseline=comparison_baseline,
+        statistics=config["statistics"],
     script:
         "../scripts/grid_table.py"
 

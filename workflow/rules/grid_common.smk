@@ -53,6 +53,11 @@ def grid_files(kind, name):
     return paths
 
 
+def grid_run_names(wildcards):
+    """[row name (model/strategy), sample seed] of each grid run, in grid_files order."""
+    return [[f"{m}/{s}", int(sample_seed)] for m, s, sample_seed, _ in grid_runs()]
+
+
 def grid_sample_seed(wildcards):
     return int(wildcards.sample_seed)
 
@@ -102,6 +107,8 @@ def grid_outputs():
         *grid_files("figures", "confusion_{model}_{strategy}.png"),
         "results/grid_table.md",
         "results/grid_table.csv",
+        "results/grid_comparisons.md",
+        "results/grid_comparisons.csv",
         "results/figures/strategies_by_model.png",
         "results/grid/mlflow_runs.tsv",
     ]

@@ -23,6 +23,7 @@ from emoprompt.evaluation.statistics import (
     label_codes,
     mcnemar_exact,
     paired_difference,
+    pooled_difference,
     scores,
 )
 from emoprompt.infra.files import atomic_open
@@ -217,3 +218,117 @@ def read_comparisons(path: str) -> pd.DataFrame:
     table = pd.read_csv(path)
     table["significant"] = table["significant"].astype(str).str.lower() == "true"
     return table
+
+
+# ---------------------------------------------------------------- study grids
+POOLED_COLUMNS = (
+    "a",
+    "b",
+    "kind",
+    "samples",
+    "runs_a",
+    "runs_b",
+    "difference",
+    "difference_low",
+    "difference_high",
+    "p_bootstrap",
+    "p_bootstrap_holm",
+    "better",
+    "significant",
+)
+
+
+@dataclass(frozen=True)
+class SeededRun:
+    """One run of a study grid: its row's name, its evaluation sample's seed, predictions."""
+
+    name: str
+    sample_seed: int
+    predictions: pd.DataFrame
+
+
+def compare_pooled(
+    runs: Sequence[SeededRun], settings: StatisticsSettings, baseline: str | None = None
+) -> pd.DataFrame:
+    """The comparisons of :func:`comparison_plan` between the grid's rows, each pooled over
+    the evaluation samples that both rows scored (:func:`pooled_difference`)."""
+    names = list(dict.fromkeys(r.name for r in runs))
+    by_seed: dict[int, list[SeededRun]] = {}
+    for run in runs:
+        by_seed.setdefault(run.sample_seed, []).append(run)
+    aligned_by_seed = {}
+    for seed, seeded in by_seed.items():
+        plain = [Run(f"{r.name}#{i}", r.predictions) for i, r in enumerate(seeded)]
+        gold, predicted = aligned([*plain, floor_run(plain[0])])
+        aligned_by_seed[seed] = (gold, seeded, list(predicted.values()))
+    rows = []
+    plan = comparison_plan([Run(n, pd.DataFrame()) for n in names], baseline)
+    for a, b, kind in plan:
+        groups, count_a, count_b = [], 0, 0
+        for gold, seeded, predicted in aligned_by_seed.values():
+            of = {
+                name: [p for r, p in zip(seeded, predicted, strict=False) if r.name == name]
+                for name in (a, b)
+            }
+            of[FLOOR] = [predicted[-1]]
+            if of[a] and of[b]:
+                groups.append((gold, of[a], of[b]))
+                count_a, count_b = count_a + len(of[a]), count_b + len(of[b])
+        if not groups:
+            continue
+        diff = pooled_difference(groups, settings)
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "kind": kind,
+                "samples": len(groups),
+                "runs_a": count_a,
+                "runs_b": count_b,
+                "difference": diff.value,
+                "difference_low": diff.low,
+                "difference_high": diff.high,
+                "p_bootstrap": diff.p_value,
+                "better": a if diff.value > 0 else b if diff.value < 0 else "neither",
+            }
+        )
+    table = pd.DataFrame(
+        rows, columns=[c for c in POOLED_COLUMNS if c not in ("p_bootstrap_holm", "significant")]
+    )
+    table["p_bootstrap_holm"], table["significant"] = holm(
+        table["p_bootstrap"].tolist(), settings.alpha
+    )
+    return table[list(POOLED_COLUMNS)]
+
+
+def pooled_markdown(table: pd.DataFrame, settings: StatisticsSettings) -> str:
+    lines = [
+        "# Paired comparisons pooled over the grid's samples",
+        "",
+        f"Each row: the mean over the evaluation samples that both rows scored of the "
+        f"macro-F1 difference (a minus b; a row's runs with several few-shot seeds "
+        f"averaged), with its {settings.confidence:.0%} stratified bootstrap interval "
+        f"(tweets resampled within each sample, {settings.resamples:,} resamples, seed "
+        f"{settings.seed}); p-values Holm-corrected over the {len(table)} comparisons.",
+        "",
+        "| a | b | kind | samples | runs a / b | difference [interval] | p (Holm) | better "
+        "| significant |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for row in table.itertuples(index=False):
+        interval = f"{row.difference:+.3f} [{row.difference_low:+.3f}, {row.difference_high:+.3f}]"
+        lines.append(
+            f"| {row.a} | {row.b} | {row.kind} | {row.samples} | {row.runs_a} / {row.runs_b} "
+            f"| {interval} | {_cell(row.p_bootstrap_holm)} | {row.better} "
+            f"| {_cell(bool(row.significant))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_pooled(
+    table: pd.DataFrame, settings: StatisticsSettings, md_path: str, csv_path: str
+) -> None:
+    with atomic_open(md_path) as handle:
+        handle.write(pooled_markdown(table, settings))
+    with atomic_open(csv_path, newline="") as handle:
+        table.to_csv(handle, index=False, lineterminator="\n", float_format="%.6g")

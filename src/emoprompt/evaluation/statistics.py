@@ -231,3 +231,58 @@ def holm(p_values: Sequence[float], alpha: float) -> tuple[list[float], list[boo
 
     reject, corrected, _, _ = multipletests(list(p_values), alpha=alpha, method="holm")
     return [float(p) for p in corrected], [bool(r) for r in reject]
+
+
+def pooled_difference(
+    groups: Sequence[tuple[Sequence[str], Sequence[Sequence[str]], Sequence[Sequence[str]]]],
+    settings: StatisticsSettings,
+    labels: Sequence[str] = LABELS,
+) -> Difference:
+    """Across the samples of a study grid: the mean over samples of (mean macro F1 of a's
+    runs minus that of b's runs) on each sample's tweets.
+
+    ``groups`` holds, per evaluation sample, its gold labels and the predictions of a's
+    runs and of b's runs on it (several where few-shot seeds vary). The bootstrap
+    resamples tweets within each sample (stratified), the same tweets for every run of
+    that sample; the interval is the percentile one, the p-value as in
+    :func:`paired_difference`.
+    """
+    k = len(labels)
+    coded = [
+        (
+            label_codes(g, labels),
+            [label_codes(p, labels) for p in a],
+            [label_codes(p, labels) for p in b],
+        )
+        for g, a, b in groups
+    ]
+
+    def statistic(indices: list[np.ndarray]) -> np.ndarray:
+        per_sample = []
+        for (gold, runs_a, runs_b), idx in zip(coded, indices, strict=True):
+            g = gold[idx]
+            f_a = np.mean([scores(confusions(g, r[idx], k), labels)["f1_macro"] for r in runs_a], 0)
+            f_b = np.mean([scores(confusions(g, r[idx], k), labels)["f1_macro"] for r in runs_b], 0)
+            per_sample.append(f_a - f_b)
+        return np.mean(per_sample, axis=0)
+
+    observed = float(statistic([np.arange(len(g))[None] for g, _, _ in coded])[0])
+    rng = np.random.default_rng(settings.seed)
+    draws = []
+    for start in range(0, settings.resamples, BATCH):
+        size = min(BATCH, settings.resamples - start)
+        draws.append(statistic([rng.integers(0, len(g), (size, len(g))) for g, _, _ in coded]))
+    values = np.concatenate(draws)
+    if np.all(values == 0) and observed == 0:
+        return Difference(0.0, 0.0, 0.0, 0.0, 1.0)
+    tail = (1 - settings.confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    below = (np.count_nonzero(values <= 0) + 1) / (values.size + 1)
+    above = (np.count_nonzero(values >= 0) + 1) / (values.size + 1)
+    return Difference(
+        value=observed,
+        low=float(low),
+        high=float(high),
+        se=float(values.std(ddof=1)),
+        p_value=float(min(1.0, 2 * min(below, above))),
+    )

@@ -2,10 +2,11 @@
 
 A grid runs each (model, strategy) once per evaluation-sample seed and, for few-shot
 strategies, once per few-shot seed as well. The grid table has one row per (model,
-strategy): how many runs it had and the mean and standard deviation of each score over
-them (``std`` is the sample standard deviation, ddof=1: blank for a single run). The
-figure compares the strategies within each model, with the standard deviation as error
-bars.
+strategy): how many runs it had, the mean and standard deviation of each score over
+them (``std`` is the sample standard deviation, ddof=1: blank for a single run) and the
+t interval of the mean over the seeds (``ci low``/``ci high``, at the configured
+confidence). The figure compares the strategies within each model, with the standard
+deviation as error bars.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.stats import t as t_distribution
 
 from emoprompt.evaluation.metrics import read_metadata
 from emoprompt.infra.files import atomic_open, atomic_path
@@ -30,9 +32,10 @@ _DECIMALS = {"unparsed %": 1}
 
 
 def grid_table(
-    metrics: Iterable[Mapping[str, Any]], model_order: Sequence[str] = ()
+    metrics: Iterable[Mapping[str, Any]], model_order: Sequence[str] = (), confidence: float = 0.95
 ) -> pd.DataFrame:
-    """One row per (model, experiment): ``runs``, then ``<score> mean`` and ``<score> std``.
+    """One row per (model, experiment): ``runs``, then ``<score> mean``, ``<score> std``
+    and the t interval of the mean over the runs, ``<score> ci low`` / ``ci high``.
 
     Rows follow the results table's order (experiments as in the notebook, models as in
     ``model_order``, the baseline last).
@@ -40,7 +43,7 @@ def grid_table(
     runs = results_table(metrics, model_order)
     columns = ["model", "experiment", "runs"]
     for score in GRID_SCORES:
-        columns += [f"{score} mean", f"{score} std"]
+        columns += [f"{score} mean", f"{score} std", f"{score} ci low", f"{score} ci high"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     groups = runs.groupby(["model", "experiment"], sort=False)
@@ -49,11 +52,24 @@ def grid_table(
         stats = groups[score].agg(["mean", "std"]).reset_index(drop=True)
         table[f"{score} mean"] = stats["mean"].astype(float)
         table[f"{score} std"] = stats["std"].astype(float)  # ddof=1; NaN for one run
+        low, high = mean_interval(
+            table[f"{score} mean"], table[f"{score} std"], table["runs"], confidence
+        )
+        table[f"{score} ci low"], table[f"{score} ci high"] = low, high
     return table[columns]
 
 
+def mean_interval(mean, std, runs, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """The t interval of a mean over ``runs`` seeds (NaN for a single run)."""
+    runs = np.asarray(runs, dtype=float)
+    df = np.where(runs > 1, runs - 1, np.nan)
+    half = t_distribution.ppf(0.5 + confidence / 2, df) * np.asarray(std) / np.sqrt(runs)
+    return np.asarray(mean) - half, np.asarray(mean) + half
+
+
 def grid_markdown(table: pd.DataFrame) -> str:
-    """The grid table as Markdown, each score as ``mean ± std``."""
+    """The grid table as Markdown, each score as ``mean ± std`` (macro F1 also with the
+    interval of its mean, ``[low, high]``)."""
     header = ["model", "experiment", "runs", *GRID_SCORES]
     lines = [
         "| " + " | ".join(header) + " |",
@@ -67,6 +83,9 @@ def grid_markdown(table: pd.DataFrame) -> str:
             cell = "" if pd.isna(mean) else f"{mean:.{digits}f}"
             if cell and not pd.isna(std):
                 cell += f" ± {std:.{digits}f}"
+                if score == "F1 macro":
+                    low, high = row[f"{score} ci low"], row[f"{score} ci high"]
+                    cell += f" [{low:.{digits}f}, {high:.{digits}f}]"
             cells.append(cell)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -115,9 +134,10 @@ def write_grid_outputs(
     csv_path: str | Path,
     figure_path: str | Path,
     model_order: Sequence[str] = (),
+    confidence: float = 0.95,
 ) -> pd.DataFrame:
     """Read every run's metrics JSON; write the grid table (Markdown, CSV) and the figure."""
-    table = grid_table([read_metadata(p) for p in metrics_paths], model_order)
+    table = grid_table([read_metadata(p) for p in metrics_paths], model_order, confidence)
     with atomic_open(md_path) as handle:
         handle.write(grid_markdown(table))
     with atomic_open(csv_path, newline="") as handle:
