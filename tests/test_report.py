@@ -40,8 +40,8 @@ UPSTREAM = [  # what the data, model and inspection steps would have written
 
 
 def write_predictions(root: Path, model: str, strategy: str, seed: int) -> None:
+    gold = np.random.default_rng(100).choice(LABELS, 30).tolist()  # one sample for all runs
     rng = np.random.default_rng(seed)
-    gold = rng.choice(LABELS, 30).tolist()
     predicted = [g if rng.random() < 0.5 else str(rng.choice(LABELS)) for g in gold]
     frame = pd.DataFrame({"id": [str(i) for i in range(30)], "gold": gold,
                           "predicted": predicted, "parsed": rng.random(30) > 0.1, "raw": ""})
@@ -90,7 +90,7 @@ def test_aggregation_and_report(results_tree: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run's own SQLite store
     # Only the aggregation rules may run: every upstream file is up to date.
     run_snakemake(root, "--configfile", "test_config.yaml",
-                  "--allowed-rules", "metrics", "results_table", "track", "all")
+                  "--allowed-rules", "metrics", "compare", "results_table", "track", "all")
 
     for model, strategy in PAIRS:
         assert (root / f"results/metrics/{model}/{strategy}.json").is_file()
@@ -115,6 +115,8 @@ def test_aggregation_and_report(results_tree: Path, monkeypatch: pytest.MonkeyPa
     html = (root / "results/report.html").read_text(encoding="utf-8")
     reported = [f"results/figures/confusion_{m}_{s}.png" for m, s in PAIRS]
     reported += ["results/results_table.csv", "results/results_table.md"]
+    reported += ["results/figures/macro_f1_intervals.png", "results/figures/macro_f1_differences.png"]
+    reported += ["results/comparisons.md", "results/comparisons.csv"]
     for name in reported:  # each file embedded, as a base64 data URI
         assert base64.b64encode((root / name).read_bytes()).decode() in html, name
     # The captions: the table itself, rendered, and one caption per confusion matrix.

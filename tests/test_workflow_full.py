@@ -132,21 +132,3 @@ def test_aggregating_again_gives_the_same_intervals_and_no_new_runs(
     assert (finished_run / "results" / "comparisons.csv").read_text() == comparisons
     assert "Rule: metrics" in result.stderr and "Rule: predict" not in result.stderr
     test_one_mlflow_run_per_model_and_strategy(finished_run)
-
-
-def test_the_report_shows_the_intervals(finished_run: Path, data_dir: Path):
-    run_snakemake(
-        finished_run,
-        "--report",
-        "results/report.zip",
-        "--config",
-        "sample_size=6",
-        "sample_scheme=stratified",
-        f"data_source={data_dir / 'emoeval_data.zip'}",
-    )
-    import zipfile
-
-    with zipfile.ZipFile(finished_run / "results" / "report.zip") as archive:
-        names = archive.namelist()
-    assert any(name.endswith("macro_f1_intervals.png") for name in names), names[:20]
-    assert any(name.endswith("macro_f1_differences.png") for name in names)
