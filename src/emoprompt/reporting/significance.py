@@ -56,7 +56,7 @@ def forest_plot(
     ax.set_xlabel(f"macro F1 with its {confidence:.0%} bootstrap interval")
     ax.grid(axis="x", alpha=0.3)
     if floor is not None or baseline is not None:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
+        figure.legend(loc="outside lower center", ncol=2, fontsize=8)
     tweets = metrics[0]["tweets"] if metrics else 0
     ax.set_title(f"Macro F1 per run, {tweets} tweets")
     return figure
