@@ -115,7 +115,7 @@ def test_aggregation_and_report(results_tree: Path, monkeypatch: pytest.MonkeyPa
     html = (root / "results/report.html").read_text(encoding="utf-8")
     reported = [f"results/figures/confusion_{m}_{s}.png" for m, s in PAIRS]
     reported += ["results/results_table.csv", "results/results_table.md"]
-    reported += ["results/figures/macro_f1_intervals.png", "results/figures/macro_f1_differences.png"]
+    reported += [f"results/figures/macro_f1_{kind}.png" for kind in ("intervals", "differences")]
     reported += ["results/comparisons.md", "results/comparisons.csv"]
     for name in reported:  # each file embedded, as a base64 data URI
         assert base64.b64encode((root / name).read_bytes()).decode() in html, name

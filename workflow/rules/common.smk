@@ -13,8 +13,22 @@ if SRC not in sys.path:
 
 from emoprompt.data.download import source_kind  # noqa: E402
 from emoprompt.prompting.prompt_file import load_prompt_file  # noqa: E402
-from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES, strategies_for
+from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES, strategies_for  # noqa: E402
+from emoprompt.infra.config_check import config_error_message, config_problems  # noqa: E402
+from emoprompt.data.splits import DataError, read_split  # noqa: E402
+from emoprompt.prompting.fewshot import check_settings as check_few_shot  # noqa: E402
+from emoprompt.prompting.prompt_file import PromptError  # noqa: E402
 
+# A bad key or value: a few lines that name it, its source and what is allowed, rather
+# than the schema validator's dump of the whole schema.
+_problems = config_problems(
+    config,
+    Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
+    overrides=workflow.config_settings.config,
+    configfiles=workflow.config_settings.configfiles,
+)
+if _problems:
+    raise WorkflowError(config_error_message(_problems))
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 
@@ -59,6 +73,27 @@ PROMPT_FILES = {
     "few_shot": "prompts/few_shot.yaml",
     "finetuned": "prompts/finetuned.yaml",
 }
+
+
+def check_prompt_files():
+    """Refuse a malformed prompt file, or few-shot settings that cannot give their shots,
+    when the workflow starts (a dry run included); with the prepared splits at hand, the
+    shots are checked against them too."""
+    families = {STRATEGIES[name].family for name in config["strategies"]} - {None}
+    splits = {}
+    for name in ("train", "test"):
+        path = Path(f"data/processed/{name}.tsv")
+        splits[name] = read_split(path) if path.is_file() else None
+    for family in sorted(families):
+        try:
+            prompt = load_prompt_file(PROMPT_FILES[family], family)
+            if family == "few_shot":
+                check_few_shot(prompt, splits["train"], splits["test"])
+        except (PromptError, DataError) as exc:
+            raise WorkflowError(str(exc)) from None
+
+
+check_prompt_files()
 
 
 wildcard_constraints:

@@ -205,13 +205,17 @@ def comparisons_markdown(table: pd.DataFrame, settings: StatisticsSettings) -> s
     return "\n".join(lines) + "\n"
 
 
+def _write(table: pd.DataFrame, markdown: str, md_path: str, csv_path: str) -> None:
+    with atomic_open(md_path) as handle:
+        handle.write(markdown)
+    with atomic_open(csv_path, newline="") as handle:
+        table.to_csv(handle, index=False, lineterminator="\n", float_format="%.6g")
+
+
 def write_comparisons(
     table: pd.DataFrame, settings: StatisticsSettings, md_path: str, csv_path: str
 ) -> None:
-    with atomic_open(md_path) as handle:
-        handle.write(comparisons_markdown(table, settings))
-    with atomic_open(csv_path, newline="") as handle:
-        table.to_csv(handle, index=False, lineterminator="\n", float_format="%.6g")
+    _write(table, comparisons_markdown(table, settings), md_path, csv_path)
 
 
 def read_comparisons(path: str) -> pd.DataFrame:
@@ -328,7 +332,4 @@ def pooled_markdown(table: pd.DataFrame, settings: StatisticsSettings) -> str:
 def write_pooled(
     table: pd.DataFrame, settings: StatisticsSettings, md_path: str, csv_path: str
 ) -> None:
-    with atomic_open(md_path) as handle:
-        handle.write(pooled_markdown(table, settings))
-    with atomic_open(csv_path, newline="") as handle:
-        table.to_csv(handle, index=False, lineterminator="\n", float_format="%.6g")
+    _write(table, pooled_markdown(table, settings), md_path, csv_path)

@@ -14,6 +14,7 @@ from emoprompt.evaluation.strategies import STRATEGIES, Settings
 from emoprompt.infra.runtime import configure_cpu
 from emoprompt.models.adapter import adapter_prompt
 from emoprompt.models.spec import ModelSpec
+from emoprompt.prompting.fewshot import check_settings as check_few_shot
 from emoprompt.prompting.prompt_file import load_prompt_file
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def run_prediction(
     if spec.adapter:  # a fine-tuned model answers with the labels it was trained on
         prompt = adapter_prompt(prompt, spec.adapter)
     train, sample = read_split(train_path), read_split(sample_path)
+    if strategy.family == "few_shot":  # before the model loads: shots it cannot have
+        check_few_shot(prompt, train, sample)
     loaded = load_model(spec, location)
     device = loaded.info.get("device", "cpu")
     batch_size = engine_settings.get("batch_size", "auto")

@@ -33,6 +33,7 @@ import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from emoprompt.labels import LABELS
+from emoprompt.prompting.prompt_file import PromptError
 
 # Rows of similarity computed at once: bounds memory to chunk x train floats.
 _SIMILARITY_CHUNK = 512
@@ -148,11 +149,7 @@ def select_shots(
     if per_tweet is None:
         per_tweet = selector.default_per_tweet
     pool = _candidate_pool(train, test)
-    if n > len(pool):
-        raise ValueError(
-            f"{n} shots asked but only {len(pool)} train tweets are available "
-            f"({len(train) - len(pool)} removed as they are in the test split)"
-        )
+    _check_count(pool, train, n)
 
     if not per_tweet:
         if selector.shared is None:
@@ -275,3 +272,48 @@ register_selector("random", Selector(shared=_select_random))
 register_selector("balanced", Selector(shared=_select_balanced))
 register_selector("manual", Selector(shared=_select_manual, derive_per_tweet=False))
 register_selector("similar", Selector(per_tweet=_select_similar, default_per_tweet=True))
+
+
+def check_settings(prompt: Any, train: pd.DataFrame | None = None, test=None) -> None:
+    """Refuse few-shot settings that cannot give their shots, naming the prompt file and
+    the key: fewer than one shot, an unknown selection, manual ids that do not match the
+    number of shots; with the splits, ids or shot counts the train split cannot give.
+
+    ``prompt`` is a few-shot :class:`emoprompt.prompting.prompt_file.PromptFile`.
+    """
+    settings, path = prompt.settings, prompt.path
+    shots, method = settings["shots"], settings["selection"]
+    if shots < 1:
+        raise PromptError(
+            f"{path}: 'shots' is {shots}; the few-shot strategies need at least 1 "
+            "(the zero-shot strategies run without examples)"
+        )
+    if method not in SELECTORS:
+        raise PromptError(
+            f"{path}: 'selection' {method!r} is not a few-shot method; "
+            f"expected one of {', '.join(sorted(SELECTORS))}"
+        )
+    manual = [str(i) for i in settings.get("manual_ids") or []]
+    if method == "manual" and len(manual) != shots:
+        raise PromptError(
+            f"{path}: 'manual_ids' holds {len(manual)} ids but 'shots' is {shots}"
+        )
+    if train is None:
+        return
+    test = train.iloc[:0] if test is None else test
+    try:
+        if SELECTORS[method].shared is None:  # per-tweet only (similar): the count suffices
+            _check_count(_candidate_pool(train, test), train, shots)
+        else:
+            select_shots(train, test, method, shots, settings.get("seed", 0), manual, False)
+    except ValueError as exc:
+        key = "manual_ids" if method == "manual" and "ids" in str(exc) else "shots"
+        raise PromptError(f"{path}: {key!r}: {exc}") from None
+
+
+def _check_count(pool: pd.DataFrame, train: pd.DataFrame, n: int) -> None:
+    if n > len(pool):
+        raise ValueError(
+            f"{n} shots asked but only {len(pool)} train tweets are available "
+            f"({len(train) - len(pool)} removed as they are in the test split)"
+        )

@@ -1,0 +1,135 @@
+"""Bad input is refused early and clearly: config errors in a few lines that name the key
+and its source, and prompt files or few-shot settings that cannot work refused when the
+workflow starts (a dry run fails) or, with the data, before a model loads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, run_snakemake
+
+from emoprompt.data.splits import write_split
+from emoprompt.evaluation.job import run_prediction
+from emoprompt.infra.config_check import config_problems
+from emoprompt.labels import LABELS
+from emoprompt.prompting.prompt_file import PromptError
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+# Snakemake's own lines around a WorkflowError: the "extended by --config" note, the
+# "WorkflowError in file" header and the traceback lines that follow the message.
+SNAKEMAKE_LINE = re.compile(r"^(Config file .* extended|WorkflowError in file|  File \")")
+
+
+def dry_run_error(workflow: Path, *config: str) -> list[str]:
+    """The lines a failed dry run prints that are not Snakemake's own."""
+    result = run_snakemake(workflow, "-n", *(("--config", *config) if config else ()), check=False)
+    assert result.returncode != 0, result.stdout
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) <= 10, "\n".join(lines)
+    return [line for line in lines if not SNAKEMAKE_LINE.match(line)]
+
+
+def test_a_misspelt_key_is_named_with_its_source_and_the_likely_key(workflow_dir):
+    message = "\n".join(dry_run_error(workflow_dir, "sample_sise=10"))
+    assert "unknown key 'sample_sise' (from --config" in message
+    assert "did you mean 'sample_size'?" in message
+    assert "Failed validating" not in message and "$schema" not in message
+
+
+def test_a_bad_value_in_config_yaml_is_named_with_what_is_allowed(workflow_dir):
+    config = workflow_dir / "config.yaml"
+    config.write_text(config.read_text().replace("sample_scheme: random", "sample_scheme: rand"))
+    message = "\n".join(dry_run_error(workflow_dir))
+    assert "sample_scheme = 'rand' (from config.yaml): must be one of random, stratified" in message
+
+
+def test_a_configfile_is_named_as_the_source(tmp_path):
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("statistics:\n  confidence: 2\n")
+    config = {**_defaults(), "statistics": {"confidence": 2}}
+    problems = config_problems(config, SCHEMA, overrides={}, configfiles=[extra])
+    assert problems == [f"statistics.confidence = 2 (from {extra}): 2 is greater than or "
+                        "equal to the maximum of 1"]
+    assert config_problems(_defaults(), SCHEMA) == []
+
+
+def _defaults() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("line", "replacement", "expected"),
+    [
+        ("shots: 10", "shots: 0", "prompts/few_shot.yaml: 'shots' is 0"),
+        ("selection: random", "selection: bogus", "'selection' 'bogus' is not a few-shot method"),
+        ("selection: random", "selection: manual", "'manual_ids' holds 0 ids but 'shots' is 10"),
+    ],
+)
+def test_a_dry_run_fails_on_few_shot_settings_that_cannot_work(
+    workflow_dir, line, replacement, expected
+):
+    prompt = workflow_dir / "prompts" / "few_shot.yaml"
+    prompt.write_text(prompt.read_text().replace(line, replacement))
+    assert expected in "\n".join(dry_run_error(workflow_dir))
+
+
+def _splits(workflow: Path, n: int = 40) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "id": [f"t{i}" for i in range(n)],
+            "event": "X",
+            "tweet": [f"tuit número {i}" for i in range(n)],
+            "offensive": "NO",
+            "label": [LABELS[i % len(LABELS)] for i in range(n)],
+        }
+    )
+    folder = workflow / "data" / "processed"
+    folder.mkdir(parents=True)
+    write_split(frame.iloc[: n - 10], folder / "train.tsv")
+    write_split(frame.iloc[n - 10 :].reset_index(drop=True), folder / "test.tsv")
+    return frame
+
+
+def test_with_the_splits_a_dry_run_checks_ids_and_shot_counts_against_them(workflow_dir):
+    _splits(workflow_dir)
+    prompt = workflow_dir / "prompts" / "few_shot.yaml"
+    text = prompt.read_text()
+    prompt.write_text(
+        text.replace("selection: random", "selection: manual").replace(
+            "manual_ids: []", "manual_ids: [t1, t2, t3, t4, t5, t6, t7, t8, t9, t35]"
+        )
+    )
+    message = "\n".join(dry_run_error(workflow_dir))
+    assert "prompts/few_shot.yaml: 'manual_ids'" in message and "t35" in message
+    prompt.write_text(text.replace("shots: 10", "shots: 31"))
+    message = "\n".join(dry_run_error(workflow_dir))
+    assert "'shots': 31 shots asked but only 30 train tweets are available" in message
+
+
+def test_the_prediction_job_refuses_impossible_shots_before_loading_a_model(tmp_path):
+    frame = _splits(tmp_path)
+    prompt = tmp_path / "few_shot.yaml"
+    prompt.write_text((REPO / "prompts" / "few_shot.yaml").read_text().replace(
+        "shots: 10", "shots: 1000"))
+    sample = tmp_path / "sample.tsv"
+    write_split(frame.iloc[30:].reset_index(drop=True), sample)
+    with pytest.raises(PromptError, match=r"few_shot.yaml: 'shots': 1000 shots asked"):
+        run_prediction(
+            model_name="absent",
+            entry={"source": "local", "prompt_format": "chat"},
+            location=str(tmp_path / "no-such-model"),  # loading it would fail differently
+            strategy_name="few_shot_first_token",
+            prompt_path=str(prompt),
+            train_path=str(tmp_path / "data" / "processed" / "train.tsv"),
+            sample_path=str(sample),
+            settings={"engine": {}},
+            job_threads=1,
+            tsv_out=str(tmp_path / "out.tsv"),
+            json_out=str(tmp_path / "out.json"),
+        )
+    assert not (tmp_path / "out.tsv").exists()
