@@ -133,3 +133,80 @@ def test_the_prediction_job_refuses_impossible_shots_before_loading_a_model(tmp_
             json_out=str(tmp_path / "out.json"),
         )
     assert not (tmp_path / "out.tsv").exists()
+
+
+# ------------------------------------------------------------------ the model's context
+# 20,000 characters, 14,000 tokens: over SmolLM2's context of 8,192.
+LONG_TWEET = " ".join(f"día{i}" for i in range(2680))[:20_000]
+
+
+@pytest.fixture(scope="module")
+def train_split(tmp_path_factory, data_dir: Path) -> Path:
+    """The real train split, prepared as the workflow prepares it."""
+    from emoprompt.data.splits import locate_splits, parse_split
+
+    path = tmp_path_factory.mktemp("splits") / "train.tsv"
+    write_split(parse_split(locate_splits(data_dir)["train"]), path)
+    return path
+
+
+def _job(tmp_path: Path, model_dir: Path, train: Path, tweets: list[str], name: str,
+         strategy: str = "zero_shot_first_token", prompt: Path | None = None) -> Path:
+    sample = tmp_path / f"{name}.tsv"
+    write_split(pd.DataFrame({
+        "id": [f"{name}{i}" for i in range(len(tweets))], "event": "X", "tweet": tweets,
+        "offensive": "NO", "label": [LABELS[i % 7] for i in range(len(tweets))],
+    }), sample)
+    family = "few_shot" if strategy.startswith("few_shot") else "zero_shot"
+    run_prediction(
+        model_name="smollm2-135m-instruct",
+        entry={"source": "local", "prompt_format": "chat", "dtype": "float32"},
+        location=str(model_dir),
+        strategy_name=strategy,
+        prompt_path=str(prompt or REPO / "prompts" / f"{family}.yaml"),
+        train_path=str(train),
+        sample_path=str(sample),
+        settings={"engine": {"threads": 2}},
+        job_threads=2,
+        tsv_out=str(tmp_path / f"{name}.out.tsv"),
+        json_out=str(tmp_path / f"{name}.out.json"),
+    )
+    return tmp_path / f"{name}.out"
+
+
+def test_a_tweet_longer_than_the_context_is_cut_to_fit_and_flagged(
+    tmp_path, smollm2_dir, train_split
+):
+    import json
+
+    from emoprompt.evaluation.predictions import read_predictions, score_columns
+
+    tweets = ["¡Qué alegría!", LONG_TWEET, "Tengo miedo de mañana"]
+    out = _job(tmp_path, smollm2_dir, train_split, tweets, "long")
+    frame = read_predictions(f"{out}.tsv")
+    assert frame["truncated"].tolist() == [False, True, False]
+    assert frame[score_columns()].sum(axis=1).tolist() == pytest.approx([1, 1, 1], abs=1e-5)
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert meta["truncated"] == 1 and meta["truncated_ids"] == ["long1"]
+    assert meta["longest_prompt_tokens"] <= meta["prompt_token_limit"] < meta["context_tokens"]
+    assert meta["context_tokens"] == 8192 and meta["longest_prompt_tokens"] > 8000
+
+
+def test_shots_that_cannot_fit_the_context_stop_the_job_before_the_model_loads(
+    tmp_path, smollm2_dir, train_split, monkeypatch
+):
+    from emoprompt.evaluation.context import ContextError
+    from emoprompt.models import loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    prompt = tmp_path / "few_shot.yaml"
+    prompt.write_text((REPO / "prompts" / "few_shot.yaml").read_text().replace(
+        "shots: 10", "shots: 1000"))
+    with pytest.raises(ContextError) as error:
+        _job(tmp_path, smollm2_dir, train_split, ["hola"], "shots",
+             strategy="few_shot_first_token", prompt=prompt)
+    message = str(error.value)
+    assert str(prompt) in message and "with 1000 shots" in message and "8,192" in message

@@ -48,5 +48,5 @@ def test_editing_the_few_shot_prompt_reruns_only_few_shot_jobs(workflow_dir: Pat
     few_shot = {"few_shot_generate", "few_shot_first_token", "few_shot_label_likelihood"}
     expected = {f"predict {model}, strategy={s}" for s in few_shot}
     expected |= {f"metrics {model}, strategy={s}" for s in few_shot}
-    expected |= {"results_table", "track", "all"}
+    expected |= {"results_table", "compare", "track", "all"}
     assert jobs == expected

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from emoprompt.data.splits import read_split
+from emoprompt.evaluation.context import fit_to_context, truncation_record
 from emoprompt.evaluation.predictions import Result, write_result
 from emoprompt.evaluation.runner import run_baseline, run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
@@ -54,47 +55,50 @@ def run_prediction(
     json_out: str,
 ) -> Result:
     """Everything a `predict` job does, so the workflow script only unpacks Snakemake."""
-    from emoprompt.inference.engine import Engine  # torch-heavy imports only where a model runs
-    from emoprompt.models.loading import load_model
+    from emoprompt.models.loading import context_length, load_model, load_tokenizer
 
     strategy = STRATEGIES[strategy_name]
     engine_settings = settings.get("engine") or {}
     threads = configure_cpu(engine_settings.get("threads", "auto"), job_threads)
-    prompt = load_prompt_file(prompt_path, strategy.family)
-    if settings.get("fewshot_seed") is not None and strategy.family == "few_shot":
-        # A study grid's few-shot seed replaces the prompt file's.
-        seed = int(settings["fewshot_seed"])
-        prompt = dataclasses.replace(prompt, settings={**prompt.settings, "seed": seed})
     spec = ModelSpec.of(entry)
-    if spec.adapter:  # a fine-tuned model answers with the labels it was trained on
-        prompt = adapter_prompt(prompt, spec.adapter)
+    prompt = _job_prompt(strategy, prompt_path, settings, spec)
     train, sample = read_split(train_path), read_split(sample_path)
-    if strategy.family == "few_shot":  # before the model loads: shots it cannot have
+    run_settings = settings_from_config(settings)
+    run_settings.chat_template_kwargs = dict(spec.chat_template_kwargs)
+    # Before the model loads: shots it cannot have, prompts longer than its context.
+    if strategy.family == "few_shot":
         check_few_shot(prompt, train, sample)
+    tokenizer = load_tokenizer(spec, location)
+    context = context_length(spec, location, tokenizer)
+    fitted = fit_to_context(strategy, prompt, tokenizer, train, sample, run_settings, context)
+    if any(fitted.truncated):
+        log.warning(
+            "%d of %d tweets cut to fit the context of %d tokens: %s",
+            sum(fitted.truncated),
+            len(sample),
+            context,
+            ", ".join(truncation_record(fitted, context)["truncated_ids"][:10]),
+        )
     loaded = load_model(spec, location)
-    device = loaded.info.get("device", "cpu")
-    batch_size = engine_settings.get("batch_size", "auto")
-    batch_size = auto_batch_size(device) if batch_size == "auto" else int(batch_size)
+    engine, batch_size = _engine(loaded, engine_settings)
     log.info(
         "%s / %s: %d tweets on %s, batch %d, %d threads",
         model_name,
         strategy_name,
         len(sample),
-        device,
+        engine.device,
         batch_size,
         threads,
     )
-    engine = Engine(
-        loaded.model,
-        loaded.tokenizer,
-        batch_size=batch_size,
-        reuse_prefix=engine_settings.get("reuse_prefix", True),
-        packed_weights=engine_settings.get("packed_weights", True),
-    )
-    run_settings = settings_from_config(settings)
-    run_settings.chat_template_kwargs = dict(spec.chat_template_kwargs)
     result = run_llm_strategy(
-        strategy, engine, loaded.tokenizer, prompt, train, sample, run_settings
+        strategy,
+        engine,
+        loaded.tokenizer,
+        prompt,
+        train,
+        fitted.sample,
+        run_settings,
+        truncated=fitted.truncated,
     )
     result.metadata = {
         "model": model_name,
@@ -103,6 +107,7 @@ def run_prediction(
         "threads": threads,
         "packed_weights": engine.packed_weights,
         "engine_stats": dict(engine.stats),
+        **truncation_record(fitted, context),
         **result.metadata,
     }
     write_result(result, tsv_out, json_out)
@@ -114,6 +119,36 @@ def run_prediction(
         result.metadata["unparsed"],
     )
     return result
+
+
+def _job_prompt(strategy, prompt_path: str, settings: Mapping[str, Any], spec: ModelSpec):
+    """The strategy's prompt file, with a grid's few-shot seed and a fine-tuned model's
+    own label set (and template) applied."""
+    prompt = load_prompt_file(prompt_path, strategy.family)
+    if settings.get("fewshot_seed") is not None and strategy.family == "few_shot":
+        # A study grid's few-shot seed replaces the prompt file's.
+        seed = int(settings["fewshot_seed"])
+        prompt = dataclasses.replace(prompt, settings={**prompt.settings, "seed": seed})
+    if spec.adapter:  # a fine-tuned model answers with the labels it was trained on
+        prompt = adapter_prompt(prompt, spec.adapter)
+    return prompt
+
+
+def _engine(loaded, engine_settings: Mapping[str, Any]):
+    """The engine over a loaded model, and its batch size."""
+    from emoprompt.inference.engine import Engine  # torch-heavy imports only where a model runs
+
+    device = loaded.info.get("device", "cpu")
+    batch_size = engine_settings.get("batch_size", "auto")
+    batch_size = auto_batch_size(device) if batch_size == "auto" else int(batch_size)
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        batch_size=batch_size,
+        reuse_prefix=engine_settings.get("reuse_prefix", True),
+        packed_weights=engine_settings.get("packed_weights", True),
+    )
+    return engine, batch_size
 
 
 def run_baseline_job(train_path: str, sample_path: str, seed: int, tsv_out: str, json_out: str):

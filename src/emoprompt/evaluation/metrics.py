@@ -113,6 +113,7 @@ def compute_metrics(
         "tweets": tweets,
         "unparsed": unparsed,
         "unparsed_rate": unparsed / tweets,
+        "truncated": int(predictions["truncated"].sum()) if "truncated" in predictions else 0,
         "accuracy": float(accuracy_score(gold, predicted)),
         "f1_macro": float(
             f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)
@@ -158,6 +159,7 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         "recall_macro",
         "unparsed_rate",
         "unparsed",
+        "truncated",
         "tweets",
         "tweets_per_s",
         "seconds",

@@ -1,9 +1,9 @@
 """Prediction files: per-tweet predictions (TSV) and the run's record (JSON).
 
-The TSV has one row per tweet: id, gold, predicted, parsed, raw answer, and a
-probability per class (``p_<label>``, empty for generated answers); the JSON records
-what ran (model, strategy, prompt, decoding, speed, versions). Both are written
-atomically.
+The TSV has one row per tweet: id, gold, predicted, parsed, raw answer, truncated (the
+tweet was cut to fit the model's context), and a probability per class (``p_<label>``,
+empty for generated answers); the JSON records what ran (model, strategy, prompt,
+decoding, speed, versions). Both are written atomically.
 """
 
 from __future__ import annotations
@@ -40,9 +40,14 @@ def timing_record(tweets: int, seconds: float) -> dict[str, Any]:
 
 
 def predictions_frame(
-    sample: pd.DataFrame, predicted: Sequence[str], parsed: Sequence[bool] | bool, raw
+    sample: pd.DataFrame,
+    predicted: Sequence[str],
+    parsed: Sequence[bool] | bool,
+    raw,
+    truncated: Sequence[bool] | bool = False,
 ) -> pd.DataFrame:
-    """The per-tweet columns before the scores: id, gold, predicted, parsed, raw."""
+    """The per-tweet columns before the scores: id, gold, predicted, parsed, raw, and
+    whether the tweet was cut to fit the model's context."""
     return pd.DataFrame(
         {
             "id": sample["id"].tolist(),
@@ -50,6 +55,7 @@ def predictions_frame(
             "predicted": list(predicted),
             "parsed": parsed,
             "raw": raw,
+            "truncated": truncated if isinstance(truncated, bool) else list(truncated),
         }
     )
 
@@ -73,4 +79,8 @@ def read_predictions(path: str) -> pd.DataFrame:
         na_values={c: [""] for c in score_columns()},
     )
     frame["parsed"] = frame["parsed"].astype(str).str.lower() == "true"
+    if "truncated" in frame.columns:  # files written before tweets were cut to fit
+        frame["truncated"] = frame["truncated"].astype(str).str.lower() == "true"
+    else:
+        frame["truncated"] = False
     return frame

@@ -108,8 +108,12 @@ def run_llm_strategy(
     train: pd.DataFrame,
     sample: pd.DataFrame,
     settings: Settings,
+    truncated: Sequence[bool] | None = None,
 ) -> Result:
-    """Run one prompting strategy over the sample with an engine; return predictions."""
+    """Run one prompting strategy over the sample with an engine; return predictions.
+
+    ``truncated`` flags the tweets that were cut to fit the context (their cut text is
+    in ``sample``)."""
     labels, label_map = prompt.labels, prompt.label_map
     parts, record = build_prompts(
         strategy, prompt, tokenizer, train, sample, settings.chat_template_kwargs
@@ -125,7 +129,8 @@ def run_llm_strategy(
         parsed, raw = [True] * len(parts), [""] * len(parts)
     seconds = time.perf_counter() - start
 
-    frame = predictions_frame(sample, predicted, parsed, raw)
+    cut = [False] * len(parts) if truncated is None else list(truncated)
+    frame = predictions_frame(sample, predicted, parsed, raw, cut)
     for j, column in enumerate(score_columns()):
         frame[column] = probs7[:, j]
     metadata = {
@@ -139,6 +144,7 @@ def run_llm_strategy(
         **_method_settings(strategy, settings),
         "fallback_label": settings.fallback_label,
         "unparsed": int(len(parsed) - sum(parsed)),
+        "truncated": int(sum(cut)),
         "tokens_in": int(engine.stats.get("tokens_in", 0)),
         "tokens_out": int(engine.stats.get("tokens_out", 0)),
         **timing_record(len(frame), seconds),

@@ -134,19 +134,22 @@ def _weights_kwargs(spec: ModelSpec, path_or_id: str, device: str) -> tuple[dict
     return {"dtype": full, "device_map": device}, fallback
 
 
-def _from_pretrained(path_or_id: str, spec: ModelSpec, weights: dict[str, Any]):
-    """Tokenizer and model; a hub token from the environment is used but never shown."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
     common: dict[str, Any] = {"trust_remote_code": False}
     if spec.revision:
         common["revision"] = spec.revision
     token = _hub_token()
     if token:
         common["token"] = token
+    return common
+
+
+def _loading(path_or_id: str, load):
+    """``load(**hub_kwargs)``, its failures as :class:`ModelLoadError`; a hub token from
+    the environment is used but never shown."""
+    token = _hub_token()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **common)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, **common, **weights)
+        return load()
     except (OSError, ValueError, ImportError) as exc:
         # Messages from transformers name the repository and file, not the token;
         # scrub it anyway in case a URL or header echo ever carries it.
@@ -155,6 +158,44 @@ def _from_pretrained(path_or_id: str, spec: ModelSpec, weights: dict[str, Any]):
         raise ModelLoadError(
             f"could not load {path_or_id}: {type(exc).__name__}: {message}"
         ) from None
+
+
+def load_tokenizer(spec: ModelSpec | Mapping[str, Any], path_or_id: str) -> Any:
+    """The tokenizer alone (cheap: no weights), set up as :func:`load_model` sets it."""
+    from transformers import AutoTokenizer
+
+    spec = ModelSpec.of(spec)
+    common = _hub_kwargs(spec)
+    return prepare_tokenizer(
+        _loading(path_or_id, lambda: AutoTokenizer.from_pretrained(path_or_id, **common))
+    )
+
+
+def context_length(spec: ModelSpec | Mapping[str, Any], path_or_id: str, tokenizer: Any) -> int:
+    """The most tokens the model attends to: its configuration's position limit, or the
+    tokenizer's ``model_max_length`` where that is smaller and set."""
+    from transformers import AutoConfig
+
+    spec = ModelSpec.of(spec)
+    common = _hub_kwargs(spec)
+    config = _loading(path_or_id, lambda: AutoConfig.from_pretrained(path_or_id, **common))
+    limits = [getattr(config, "max_position_embeddings", None)]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    usable = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**8]
+    if not usable:
+        raise ModelLoadError(f"{path_or_id}: neither the model nor its tokenizer states a context")
+    return min(usable)
+
+
+def _from_pretrained(path_or_id: str, spec: ModelSpec, weights: dict[str, Any]):
+    """Tokenizer and model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = _hub_kwargs(spec)
+    tokenizer = _loading(path_or_id, lambda: AutoTokenizer.from_pretrained(path_or_id, **common))
+    model = _loading(
+        path_or_id, lambda: AutoModelForCausalLM.from_pretrained(path_or_id, **common, **weights)
+    )
     return tokenizer, model
 
 
