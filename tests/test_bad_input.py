@@ -210,3 +210,40 @@ def test_shots_that_cannot_fit_the_context_stop_the_job_before_the_model_loads(
              strategy="few_shot_first_token", prompt=prompt)
     message = str(error.value)
     assert str(prompt) in message and "with 1000 shots" in message and "8,192" in message
+
+
+PEAK_SCRIPT = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+from test_bad_input import _job
+from pathlib import Path
+tweets = json.loads(sys.argv[5])
+_job(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), tweets, "peak")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_a_long_tweet_costs_little_more_memory_than_a_normal_job(
+    tmp_path, smollm2_dir, train_split
+):
+    """Each job in a process of its own: its peak resident memory, with and without a
+    20,000-character tweet in its sample of eight."""
+    import json
+    import subprocess
+    import sys
+
+    normal = [f"Hoy es un día {word} en el estadio" for word in
+              ("feliz", "triste", "raro", "largo", "frío", "bonito", "tenso", "histórico")]
+    peaks = {}
+    for name, tweets in (("normal", normal), ("long", [*normal[:7], LONG_TWEET])):
+        folder = tmp_path / name
+        folder.mkdir()
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_SCRIPT, str(REPO / "tests"), str(folder),
+             str(smollm2_dir), str(train_split), json.dumps(tweets)],
+            capture_output=True, text=True, check=True,
+        )
+        peaks[name] = int(result.stdout.strip().splitlines()[-1])
+    print(f"peak resident memory (KiB): {peaks}")
+    assert peaks["long"] <= 1.5 * peaks["normal"], peaks

@@ -427,3 +427,34 @@ def test_real_smollm2_cached_equals_plain_and_generate(smollm2):
         assert generation.text == tokenizer.decode(tokens[:10], skip_special_tokens=True)
         whole = tokenizer.decode(tokens, skip_special_tokens=True)
         assert line.text == whole.split("\n", 1)[0]
+
+
+# ----------------------------------------------------------------------------- long rows
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_rows_fed_in_parts_give_the_plain_computation(tiny, reuse_prefix, monkeypatch):
+    """Rows longer than PREFILL_CHUNK_TOKENS are fed in parts through the cache (a tweet
+    cut to the context): with parts of 5 tokens, padded rows and prefix reuse included,
+    every method equals the plain computation."""
+    import emoprompt.inference.passes
+
+    monkeypatch.setattr(emoprompt.inference.passes, "PREFILL_CHUNK_TOKENS", 5)
+    model, tokenizer = tiny
+    prompts = mixed_prompts(tokenizer)
+    engine = Engine(model, tokenizer, batch_size=4, reuse_prefix=reuse_prefix, progress=False)
+    passes_before = engine.stats["forward_passes"]
+    np.testing.assert_allclose(
+        engine.first_token_probs(prompts, LABELS),
+        naive_first_token_probs(model, tokenizer, prompts, LABELS),
+        atol=ATOL,
+        rtol=0,
+    )
+    assert engine.stats["forward_passes"] - passes_before > len(prompts) // 4 + 1  # in parts
+    np.testing.assert_allclose(
+        engine.label_logprobs(prompts, LABELS),
+        naive_label_logprobs(model, tokenizer, prompts, LABELS, engine.end_of_turn_id),
+        atol=ATOL,
+        rtol=0,
+    )
+    for prompt, generation in zip(prompts, engine.generate(prompts, max_new_tokens=6), strict=True):
+        tokens = reference_generate(model, tokenizer, prompt, engine.stop_ids, 6)
+        assert generation.text == tokenizer.decode(tokens, skip_special_tokens=True)

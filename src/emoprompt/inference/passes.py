@@ -40,6 +40,10 @@ from emoprompt.prompting.render import PromptParts
 # when the prefix has at least this many times the rows' own tokens; a shorter one is
 # cheaper as part of each row's keys (one attention call instead of two and their merge).
 SHARED_PREFIX_MIN_RATIO = 3
+# The most tokens of a row fed in one pass: longer rows (a tweet cut to the model's
+# context) are fed in parts. Prompts of the study stay far below it (a twenty-shot
+# prompt's own part is under 100 tokens), so their passes are unchanged.
+PREFILL_CHUNK_TOKENS = 2048
 
 
 @dataclass
@@ -175,7 +179,23 @@ class ForwardPasses:
         mask = torch.cat([torch.ones((rows, plen), dtype=torch.long), smask], dim=1)
         cache = self.expand_cache(prefix_cache, rows, width) if prefix_ids else None
         ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
-        logits, cache = self.forward(ids, mask, positions, cache, keep_last=True, columns=columns)
+        # A row longer than PREFILL_CHUNK_TOKENS is fed in parts through the cache, so that
+        # no pass attends from more than that many queries at once: memory stays bounded
+        # by the token counts however long a prompt is.
+        start = 0
+        while width - start > PREFILL_CHUNK_TOKENS:
+            end = start + PREFILL_CHUNK_TOKENS
+            _, cache = self.forward(
+                ids[:, start:end],
+                mask[:, : plen + end],
+                positions[:, start:end],
+                cache,
+                keep_last=True,
+            )
+            start = end
+        logits, cache = self.forward(
+            ids[:, start:], mask, positions[:, start:], cache, keep_last=True, columns=columns
+        )
         self.stats["tokens_in"] += int(smask.sum())
         next_pos = torch.tensor([plen + len(it.ids) for it in items], device=self.device)
         return Batch(items, logits, cache, mask, next_pos)
