@@ -278,3 +278,26 @@ def test_runs_are_browsable_through_a_server(tracked, server) -> None:
             f"{server}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=predictions"
         )
         assert f"predictions/{strategy}.tsv" in {f["path"] for f in listed["files"]}
+
+
+@pytest.mark.parametrize("server", ["nothing listening", "a server that never answers"])
+def test_a_tracking_store_that_does_not_answer_fails_fast_and_says_what_to_do(server):
+    from emoprompt.tracking import TrackingUnavailable
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        if server == "a server that never answers":
+            listener.listen(8)  # connections are accepted by the kernel, never answered
+        else:
+            listener.close()
+        started = time.monotonic()
+        with pytest.raises(TrackingUnavailable) as error:
+            track_runs([], experiment="e", tracking_uri=f"http://127.0.0.1:{port}",
+                       sample=SAMPLE, timeout=2, retries=0)
+        waited = time.monotonic() - started
+    message = str(error.value)
+    assert f"127.0.0.1:{port}" in message and "--forcerun track" in message
+    assert "results/predictions" in message and "mlflow_timeout" in message
+    assert waited < 30, waited  # MLflow's own defaults wait minutes
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # set for the call only

@@ -107,5 +107,7 @@ rule track:
         trained=trained_adapter_models,
         sample=sample_settings,
         experiment=config["mlflow_experiment"],
+        timeout=config["mlflow_timeout"],
+        retries=config["mlflow_retries"],
     script:
         "../scripts/track.py"

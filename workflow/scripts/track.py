@@ -36,6 +36,8 @@ def main(snakemake) -> None:
         artifact_location=artifact_location,
         workflow_dir=snakemake.scriptdir,
         trainings=dict(zip(snakemake.params.trained, inputs.adapters, strict=True)),
+        timeout=snakemake.params.get("timeout", 10),
+        retries=snakemake.params.get("retries", 1),
     )
     write_run_list(tracked, snakemake.output.runs)
 

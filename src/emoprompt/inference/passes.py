@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from emoprompt.inference.attention import SharedPrefixLayer, shared_prefix
 from emoprompt.inference.capabilities import Capabilities
 from emoprompt.inference.last_position import head_columns, last_position_only
 from emoprompt.inference.planning import BatchPlanner, Item
+from emoprompt.infra.environment import temporary_environ
 from emoprompt.prompting.render import PromptParts
 
 # A batch attends to its shared prefix once for all rows (emoprompt.inference.attention)
@@ -55,21 +55,6 @@ class Batch:
     cache: object  # the model's Cache, holding prefix + suffixes
     mask: torch.Tensor  # (B, cached length) 1 for real tokens, 0 for padding
     next_pos: torch.Tensor  # (B,) position of the next token of each row
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of a block, then restore them."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class ForwardPasses:
@@ -105,7 +90,7 @@ class ForwardPasses:
             kwargs["logits_to_keep"] = 1
         with contextlib.ExitStack() as stack:
             if caps.force_gqa and 2 * input_ids.shape[1] <= mask.shape[-1]:
-                stack.enter_context(_env(TRANSFORMERS_SDPA_FORCE_GQA="1"))
+                stack.enter_context(temporary_environ(TRANSFORMERS_SDPA_FORCE_GQA="1"))
             if caps.shared_attention and cache is not None:
                 stack.enter_context(shared_prefix(cache))
             if caps.packed is not None:

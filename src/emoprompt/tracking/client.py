@@ -1,0 +1,299 @@
+"""MLflow itself: the only module of the project that imports it.
+
+One run per (model, strategy), and one per trained adapter, created or updated through
+one upsert (:func:`upsert_run`): see :mod:`emoprompt.tracking` for what that guarantees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from emoprompt.evaluation.metrics import flat_metrics, read_metadata
+from emoprompt.infra.environment import temporary_environ
+from emoprompt.infra.files import sha256_file
+from emoprompt.models.adapter import (
+    adapter_files,
+    read_loss_history,
+    read_training_config,
+    weights_path,
+)
+from emoprompt.tracking.records import (
+    KEY_TAG,
+    SUPERSEDED_TAG,
+    TRAINING_RUN_TAG,
+    TRAINING_STRATEGY,
+    RunFiles,
+    TrackedRun,
+    git_commit,
+    prompt_artifact,
+    redact_uri,
+    run_key,
+    run_params,
+    run_tags,
+    training_params,
+)
+
+log = logging.getLogger(__name__)
+
+
+def get_experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, creating it (or restoring it from the bin) when needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        log.info("creating MLflow experiment %r", name)
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment.lifecycle_stage == "deleted":
+        log.info("restoring deleted MLflow experiment %r", name)
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def find_runs(client: MlflowClient, experiment_id: str, key: str) -> list:
+    """Active runs carrying ``key``, newest first."""
+    escaped = key.replace("\\", "\\\\").replace("'", "\\'")
+    return list(
+        client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{KEY_TAG}` = '{escaped}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=["attributes.start_time DESC"],
+        )
+    )
+
+
+def _params_conflict(existing: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    changed = [name for name, value in new.items() if existing.get(name, value) != value]
+    return changed + sorted(set(existing) - set(new))
+
+
+def _changed_metrics(existing: Mapping[str, float], new: Mapping[str, float]) -> dict:
+    return {
+        name: value
+        for name, value in new.items()
+        if name not in existing
+        or not math.isclose(existing[name], value, rel_tol=1e-12, abs_tol=0.0)
+    }
+
+
+def upsert_run(
+    client: MlflowClient,
+    experiment_id: str,
+    key: str,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    name: str,
+) -> tuple[str, str, Mapping[str, str], Mapping[str, float]]:
+    """The one run of ``key``: (run id, action, its params, its metrics).
+
+    Duplicates (left by an interrupted or concurrent logging) are removed, the newest
+    kept. A run whose parameters conflict with ``params`` is replaced by a new one that
+    it points to (``SUPERSEDED_TAG``) and deleted; action is ``created``, ``replaced``
+    or ``updated`` (the existing run is kept, with what it has logged already).
+    """
+    found = find_runs(client, experiment_id, key)
+    for extra in found[1:]:
+        log.warning("%s: removing duplicate run %s", key, extra.info.run_id)
+        client.delete_run(extra.info.run_id)
+    run = found[0] if found else None
+    if run is not None:
+        changed = _params_conflict(run.data.params, params)
+        if not changed:
+            client.update_run(run.info.run_id, name=name)
+            return run.info.run_id, "updated", run.data.params, run.data.metrics
+        log.info(
+            "%s: parameters changed (%s): replacing run %s",
+            key,
+            ", ".join(changed),
+            run.info.run_id,
+        )
+    new = client.create_run(experiment_id, tags=dict(tags), run_name=name)
+    if run is None:
+        return new.info.run_id, "created", {}, {}
+    client.set_tag(run.info.run_id, SUPERSEDED_TAG, new.info.run_id)
+    client.delete_run(run.info.run_id)
+    return new.info.run_id, "replaced", {}, {}
+
+
+def track_run(
+    client: MlflowClient,
+    experiment_id: str,
+    files: RunFiles,
+    sample: Mapping[str, Any],
+    commit: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> TrackedRun:
+    """Create or update the run of one (model, strategy); see the module's docstring."""
+    sample = {**sample, **(files.sample or {})}
+    metadata = read_metadata(files.metadata)
+    metrics = flat_metrics(read_metadata(files.metrics))
+    key = run_key(files.model, files.strategy, sample)
+    params = run_params(files.model, files.strategy, metadata, sample, commit)
+    tags = {**run_tags(files.model, files.strategy, key, metadata, commit), **(extra_tags or {})}
+    name = f"{files.model} · {files.strategy}"
+
+    run_id, action, existing_params, existing_metrics = upsert_run(
+        client, experiment_id, key, params, tags, name
+    )
+    try:
+        now = int(time.time() * 1000)
+        new_params = [Param(k, v) for k, v in params.items() if k not in existing_params]
+        new_metrics = [
+            Metric(k, v, now, 0) for k, v in _changed_metrics(existing_metrics, metrics).items()
+        ]
+        new_tags = [RunTag(k, v) for k, v in tags.items()]
+        client.log_batch(run_id, metrics=new_metrics, params=new_params, tags=new_tags)
+        # Fixed artefact paths: logging again overwrites the previous files.
+        client.log_artifact(run_id, str(files.predictions), "predictions")
+        client.log_artifact(run_id, str(files.metadata), "predictions")
+        client.log_artifact(run_id, str(files.metrics), "metrics")
+        client.log_artifact(run_id, str(files.figure), "figures")
+        prompt = prompt_artifact(metadata)
+        if prompt is not None:
+            client.log_text(run_id, prompt[1], f"prompt/{prompt[0]}")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("%s: %s run %s (%d new metric values)", key, action, run_id, len(new_metrics))
+    return TrackedRun(key, files.model, files.strategy, run_id, experiment_id, action)
+
+
+def track_runs(
+    runs: Sequence[RunFiles],
+    *,
+    experiment: str,
+    tracking_uri: str,
+    sample: Mapping[str, Any],
+    artifact_location: str | None = None,
+    workflow_dir: str | os.PathLike[str] | None = None,
+    trainings: Mapping[str, str | os.PathLike[str]] | None = None,
+    timeout: float = 10,
+    retries: int = 1,
+) -> list[TrackedRun]:
+    """Log every (model, strategy) run to MLflow; safe to call again (see module docstring).
+
+    A tracking server gets ``timeout`` seconds per request and ``retries`` more tries; one
+    that does not answer raises :class:`TrackingUnavailable`, which says how to log the
+    runs later (the predictions and metrics are untouched).
+
+    ``sample``: the evaluation sample's ``size``, ``scheme`` and ``seed``.
+    ``artifact_location``: where a newly created experiment keeps its artefacts.
+    ``workflow_dir``: a folder of the workflow, for the git commit ("unknown" if None).
+    ``trainings``: fine-tuned model -> its adapter folder; each training gets a run of
+    its own, and the evaluation runs of that model are tagged with its run id.
+    """
+    commit = git_commit(workflow_dir) if workflow_dir is not None else "unknown"
+    with request_limits(timeout, retries):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        log.info("MLflow tracking URI %s, experiment %r", redact_uri(tracking_uri), experiment)
+        try:
+            experiment_id = get_experiment_id(client, experiment, artifact_location)
+        except (MlflowException, OSError) as exc:
+            raise TrackingUnavailable(_unavailable(tracking_uri, timeout, retries, exc)) from None
+        return _track_all(client, experiment_id, runs, sample, commit, trainings)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store did not answer; nothing was logged."""
+
+
+def _unavailable(uri: str, timeout: float, retries: int, exc: Exception) -> str:
+    first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return (
+        f"the MLflow tracking store {redact_uri(uri)} did not answer ({timeout:g} s per "
+        f"request, {retries} more tries; mlflow_timeout and mlflow_retries in config.yaml): "
+        f"{first}. Nothing is lost: the predictions and metrics are in results/predictions "
+        "and results/metrics. Once the store answers, log them alone with "
+        "`snakemake --cores 1 --forcerun track` (or unset MLFLOW_TRACKING_URI to use "
+        "results/mlflow.db)."
+    )
+
+
+@contextlib.contextmanager
+def request_limits(timeout: float, retries: int) -> Iterator[None]:
+    """MLflow's HTTP timeout and retries for the duration of a block (its defaults are
+    two minutes and seven retries with backoff: a store that is down took minutes)."""
+    with temporary_environ(
+        MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, math.ceil(timeout))),
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(int(retries)),
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+    ):
+        yield
+
+
+def _track_all(client, experiment_id, runs, sample, commit, trainings) -> list[TrackedRun]:
+    trained = [
+        track_training(client, experiment_id, model, Path(folder), commit)
+        for model, folder in (trainings or {}).items()
+    ]
+    training_of = {run.model: run.run_id for run in trained}
+    return trained + [
+        track_run(
+            client,
+            experiment_id,
+            files,
+            sample,
+            commit,
+            {TRAINING_RUN_TAG: training_of[files.model]} if files.model in training_of else None,
+        )
+        for files in runs
+    ]
+
+
+def track_training(
+    client: MlflowClient, experiment_id: str, model: str, adapter: Path, commit: str
+) -> TrackedRun:
+    """Create (or find) the run of one fine-tuning: its settings as parameters, the loss
+    per step as the metric history ``train_loss``, and the adapter folder as artefacts.
+    A retrained adapter (another sha256) replaces the run, as changed parameters do."""
+    record = read_training_config(adapter)
+    key = f"{model}/{TRAINING_STRATEGY}"
+    params = training_params(model, record, sha256_file(weights_path(adapter)), commit)
+    tags = {
+        KEY_TAG: key,
+        "emoprompt.model": model,
+        "emoprompt.strategy": TRAINING_STRATEGY,
+        "mlflow.source.git.commit": commit,
+    }
+    tags.update({f"version.{k}": str(v) for k, v in (record.get("versions") or {}).items()})
+    run_id, action, _, _ = upsert_run(
+        client, experiment_id, key, params, tags, f"{model} · fine-tuning"
+    )
+    if action == "updated":
+        log.info("%s: training run %s is up to date", key, run_id)
+        return TrackedRun(key, model, TRAINING_STRATEGY, run_id, experiment_id, action)
+    try:
+        now = int(time.time() * 1000)
+        history = []
+        for row in read_loss_history(adapter):
+            history.append(Metric("train_loss", row["loss"], now, row["step"]))
+            history.append(Metric("learning_rate", row["lr"], now, row["step"]))
+        summary = {
+            "final_loss": record.get("final_loss"),
+            "train_seconds": record.get("seconds"),
+            "steps": record.get("steps"),
+            "train_tweets": record.get("train_tweets"),
+        }
+        history += [Metric(k, float(v), now, 0) for k, v in summary.items() if v is not None]
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], tags=[])
+        for start in range(0, len(history), 900):  # MLflow takes at most 1000 per batch
+            client.log_batch(run_id, metrics=history[start : start + 900])
+        for path in adapter_files(adapter):
+            client.log_artifact(run_id, str(path), "adapter")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("%s: %s training run %s", key, action, run_id)
+    return TrackedRun(key, model, TRAINING_STRATEGY, run_id, experiment_id, action)

@@ -1,0 +1,232 @@
+"""What a tracked run is, in plain data: its key, parameters, tags and files.
+
+No MLflow here (:mod:`emoprompt.tracking.client` talks to it): the run key that makes
+logging idempotent, the parameters and tags of evaluation and training runs, where the
+store is, and the list of logged runs the track rule writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from emoprompt.infra.files import atomic_open
+
+log = logging.getLogger(__name__)
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+KEY_TAG = "emoprompt.key"
+SUPERSEDED_TAG = "emoprompt.superseded_by"
+RUN_LIST_COLUMNS = ("key", "model", "strategy", "run_id", "experiment_id", "action")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one (model, strategy) run that go to MLflow."""
+
+    model: str
+    strategy: str
+    predictions: Path  # the predictions TSV
+    metadata: Path  # the prediction job's metadata JSON
+    metrics: Path  # the metrics JSON
+    figure: Path  # the confusion matrix PNG
+    # A study grid's run: its own sample seed (and few-shot seed), over the shared settings.
+    sample: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    key: str
+    model: str
+    strategy: str
+    run_id: str
+    experiment_id: str
+    action: str  # created | updated | replaced
+
+
+def default_tracking_uri(results_dir: str | os.PathLike[str]) -> str:
+    """``sqlite:////abs/path/results/mlflow.db``."""
+    return f"sqlite:///{(Path(results_dir).resolve() / 'mlflow.db').as_posix()}"
+
+
+def default_artifact_location(results_dir: str | os.PathLike[str]) -> str:
+    """``file:///abs/path/results/mlartifacts``."""
+    return (Path(results_dir).resolve() / "mlartifacts").as_uri()
+
+
+def resolve_tracking_uri(
+    results_dir: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> tuple[str, str | None]:
+    """The tracking URI, and where a new experiment keeps its artefacts.
+
+    ``MLFLOW_TRACKING_URI`` wins (the server or store decides where artefacts go: None);
+    otherwise the results folder's SQLite database and ``mlartifacts`` folder.
+    """
+    environ = os.environ if environ is None else environ
+    uri = environ.get(TRACKING_URI_ENV, "").strip()
+    if uri:
+        return uri, None
+    return default_tracking_uri(results_dir), default_artifact_location(results_dir)
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without any user:password part, for logs."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def sample_label(sample: Mapping[str, Any]) -> str:
+    """The evaluation sample's settings in a key: ``sample=100,random,seed=0``; a grid's
+    few-shot run adds its few-shot seed: ``sample=100,random,seed=0,fewshot_seed=1``."""
+    label = f"sample={sample['size']},{sample['scheme']},seed={sample['seed']}"
+    if sample.get("fewshot_seed") is not None:
+        label += f",fewshot_seed={sample['fewshot_seed']}"
+    return label
+
+
+def run_key(model: str, strategy: str, sample: Mapping[str, Any]) -> str:
+    """The deterministic identity of a run: ``{model}/{strategy}/{sample settings}``."""
+    return f"{model}/{strategy}/{sample_label(sample)}"
+
+
+def git_commit(folder: str | os.PathLike[str]) -> str:
+    """``git rev-parse HEAD`` of the checkout holding ``folder``; "unknown" if there is none."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else "unknown"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def run_params(
+    model: str,
+    strategy: str,
+    metadata: Mapping[str, Any],
+    sample: Mapping[str, Any],
+    commit: str,
+) -> dict[str, str]:
+    """What defines a run, as MLflow parameters (strings)."""
+    shots = metadata.get("few_shot") or {}
+    decoding = metadata.get("decoding") or {}
+    scoring = metadata.get("scoring") or {}
+    params: dict[str, Any] = {
+        "model": model,
+        "model_source": metadata.get("source"),
+        "revision": metadata.get("revision"),
+        "dtype": metadata.get("dtype"),
+        "quantization": metadata.get("quantization", "none"),
+        "device": metadata.get("device"),
+        "strategy": strategy,
+        "method": metadata.get("method"),
+        "prompt_family": metadata.get("prompt_family"),
+        "prompt_file": metadata.get("prompt_file"),
+        "prompt_sha256": metadata.get("prompt_sha256"),
+        "shots": shots.get("n", 0),
+        "shot_selection": shots.get("method"),
+        "shot_seed": shots.get("seed"),
+        "sample_size": sample["size"],
+        "sample_scheme": sample["scheme"],
+        "sample_seed": sample["seed"],
+        "fallback_label": metadata.get("fallback_label"),
+        "batch_size": metadata.get("batch_size"),
+        "git_commit": commit,
+    }
+    for name, value in decoding.items():
+        params[f"decoding_{name}"] = value
+    for name, value in scoring.items():
+        params[f"scoring_{name}"] = value
+    if "seed" in metadata:  # the baseline's own seed
+        params["baseline_seed"] = metadata["seed"]
+    if (metadata.get("adapter") or {}).get("fingerprint"):  # a retrained adapter: a new run
+        params["adapter_fingerprint"] = metadata["adapter"]["fingerprint"]
+    return {name: _text(value) for name, value in params.items()}
+
+
+def run_tags(
+    model: str, strategy: str, key: str, metadata: Mapping[str, Any], commit: str
+) -> dict[str, str]:
+    tags = {
+        KEY_TAG: key,
+        "emoprompt.model": model,
+        "emoprompt.strategy": strategy,
+        "mlflow.source.git.commit": commit,
+    }
+    for name, value in (metadata.get("versions") or {}).items():
+        tags[f"version.{name}"] = str(value)
+    return tags
+
+
+def prompt_artifact(metadata: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The prompt that was asked, as (artefact file name, text); None for the baseline."""
+    if metadata.get("messages") is not None:
+        text = json.dumps(metadata["messages"], indent=2, ensure_ascii=False) + "\n"
+        return "messages.json", text
+    if metadata.get("template") is not None:
+        return "template.txt", str(metadata["template"])
+    return None
+
+
+TRAINING_RUN_TAG = "emoprompt.training_run_id"
+TRAINING_STRATEGY = "finetune"
+
+
+def training_params(
+    model: str, record: Mapping[str, Any], adapter_sha256: str, commit: str
+) -> dict[str, str]:
+    """What defines a training run, as MLflow parameters (strings)."""
+    params: dict[str, Any] = {
+        "model": model,
+        "base_model": record.get("base_model"),
+        "base_location": record.get("base_location"),
+        "prompt_format": record.get("prompt_format"),
+        "labels": ",".join(record.get("labels") or []),
+        "train_file": record.get("train_file"),
+        "train_tweets": record.get("train_tweets"),
+        "train_ids_sha256": record.get("train_ids_sha256"),
+        "device": record.get("device"),
+        "quantization": record.get("quantization"),
+        "trainable_parameters": record.get("trainable_parameters"),
+        "adapter_sha256": adapter_sha256,
+        "git_commit": commit,
+    }
+    for name, value in (record.get("settings") or {}).items():
+        if name not in ("checkpoint_minutes", "checkpoint_steps", "threads"):
+            params[f"ft_{name}"] = value
+    return {name: _text(value)[:6000] for name, value in params.items()}
+
+
+def write_run_list(tracked: Sequence[TrackedRun], path: str | os.PathLike[str]) -> None:
+    """The runs logged: key, model, strategy, run id, experiment id, action (TSV)."""
+    with atomic_open(path, newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(RUN_LIST_COLUMNS)
+        for run in tracked:
+            writer.writerow([getattr(run, column) for column in RUN_LIST_COLUMNS])
