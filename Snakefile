@@ -19,6 +19,11 @@ include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/grid.smk"
 
 
+onstart:
+    # SIGTERM or SIGINT to Snakemake stops the running jobs too (emoprompt.infra.signals).
+    stop_jobs_on_termination()
+
+
 rule all:
     default_target: True
     input:

@@ -18,6 +18,7 @@ from emoprompt.infra.config_check import config_error_message, config_problems  
 from emoprompt.data.splits import DataError, read_split  # noqa: E402
 from emoprompt.prompting.fewshot import check_settings as check_few_shot  # noqa: E402
 from emoprompt.prompting.prompt_file import PromptError  # noqa: E402
+from emoprompt.infra.signals import stop_jobs_on_termination  # noqa: E402, F401 - onstart
 
 # A bad key or value: a few lines that name it, its source and what is allowed, rather
 # than the schema validator's dump of the whole schema.

@@ -3,20 +3,22 @@
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
 from emoprompt.infra.logs import setup_logging
+from emoprompt.infra.signals import interruptible
 from emoprompt.reporting.inspection import write_inspection
 
 
 def main(snakemake) -> None:
     setup_logging(snakemake.log[0])
-    write_inspection(
-        model_name=snakemake.wildcards.model,
-        entry=snakemake.params.entry,
-        location=snakemake.params.location,
-        sample_path=snakemake.input.sample,
-        prompt_path=snakemake.input.prompt,
-        finetuned_prompt_path=snakemake.input.finetuned_prompt,
-        out=snakemake.output[0],
-    )
+    with interruptible():  # SIGTERM: no partial output, a line in the log
+        write_inspection(
+            model_name=snakemake.wildcards.model,
+            entry=snakemake.params.entry,
+            location=snakemake.params.location,
+            sample_path=snakemake.input.sample,
+            prompt_path=snakemake.input.prompt,
+            finetuned_prompt_path=snakemake.input.finetuned_prompt,
+            out=snakemake.output[0],
+        )
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environm
 from emoprompt.evaluation.job import run_prediction
 from emoprompt.infra.devices import job_gpu
 from emoprompt.infra.logs import setup_logging
+from emoprompt.infra.signals import interruptible
 
 
 def main(snakemake) -> None:
     setup_logging(snakemake.log[0])
-    with job_gpu(snakemake.resources):  # local-gpus profile: one device per job
+    # local-gpus profile: one device per job; SIGTERM: no partial output, a line in the log
+    with job_gpu(snakemake.resources), interruptible():
         run_prediction(
             model_name=snakemake.wildcards.model,
             entry=snakemake.params.entry,
