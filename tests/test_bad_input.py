@@ -247,3 +247,59 @@ def test_a_long_tweet_costs_little_more_memory_than_a_normal_job(
         peaks[name] = int(result.stdout.strip().splitlines()[-1])
     print(f"peak resident memory (KiB): {peaks}")
     assert peaks["long"] <= 1.5 * peaks["normal"], peaks
+
+
+# ------------------------------------------------------------------ interruptions
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_run_stops_its_job_at_once_and_leaves_no_output(
+    workflow_dir, data_dir, smollm2_dir, signal_name
+):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    (workflow_dir / "data" / "models").mkdir(parents=True)
+    (workflow_dir / "data" / "models" / "smollm2-135m-instruct").symlink_to(smollm2_dir)
+    target = "results/predictions/smollm2-135m-instruct/few_shot_generate.tsv"
+    log = workflow_dir / "logs" / "predict" / "smollm2-135m-instruct" / "few_shot_generate.log"
+    run = subprocess.Popen(
+        [str(BIN / "snakemake"), "--cores", "2", "--resources", "gpu=1", "--config",
+         f"data_source={data_dir / 'emoeval_data.zip'}", "sample_size=60", "--", target],
+        cwd=workflow_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # the signal reaches Snakemake alone, not a process group
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (log.is_file() and "generation:" in log.read_text(errors="replace")):
+            assert run.poll() is None and time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+        os.kill(run.pid, getattr(signal, signal_name))
+        output, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0
+    assert "interrupted" in log.read_text(errors="replace")
+    folder = (workflow_dir / target).parent  # not even a temporary file left
+    assert not folder.exists() or not any(folder.iterdir()), output[-2000:]
+
+
+def test_an_empty_system_prompt_is_a_warning_not_an_error(workflow_dir):
+    import yaml
+
+    path = workflow_dir / "prompts" / "zero_shot.yaml"
+    prompt = yaml.safe_load(path.read_text(encoding="utf-8"))
+    path.write_text(yaml.safe_dump({**prompt, "system": " "}, allow_unicode=True))
+    result = run_snakemake(workflow_dir, "-n")  # a dry run passes, with the warning
+    assert "prompts/zero_shot.yaml: 'system' is empty" in result.stdout + result.stderr
+
+
+def test_the_readme_says_how_to_call_snakemake_and_recover_from_a_crash():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for text in (".venv/bin/snakemake", "source .venv/bin/activate", "SNAKEMAKE_ARGS",
+                 "--unlock", "--rerun-incomplete", "half-written"):
+        assert text in readme, text

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 # The logic lives in the emoprompt package under src/: importable here even when the
@@ -88,6 +89,11 @@ def check_prompt_files():
     for family in sorted(families):
         try:
             prompt = load_prompt_file(PROMPT_FILES[family], family)
+            if "system" in prompt.settings and not prompt.settings["system"].strip():
+                logger.warning(
+                    f"{prompt.path}: 'system' is empty: the model is not told the task "
+                    "or the labels"
+                )
             if family == "few_shot":
                 check_few_shot(prompt, splits["train"], splits["test"])
         except (PromptError, DataError) as exc:
