@@ -72,19 +72,21 @@ def fit_to_context(
     sample = sample.reset_index(drop=True).copy()
     truncated = [False] * len(sample)
     for i in [i for i, n in enumerate(lengths) if n > limit]:
-        sample.at[i, "tweet"], lengths[i] = _cut(sample.iloc[[i]], limit, rules, length)
+        row = sample.iloc[[i]]
+        without = length(row.assign(tweet=""))[0]  # per-tweet shots: its own fixed part
+        if without > limit:
+            raise ContextError(_too_long(prompt, without, context, limit))
+        sample.at[i, "tweet"], lengths[i] = _cut(row, limit - without, limit, rules, length)
         truncated[i] = True
     return Fitted(sample, truncated, limit, max(lengths, default=0))
 
 
-def _cut(row: pd.DataFrame, limit: int, rules: TokenizerRules, length) -> tuple[str, int]:
-    """The tweet of a one-row frame, cut at a token boundary until its prompt fits."""
-    tweet = str(row["tweet"].iloc[0])
-    ids = rules.encode([tweet])[0]
-    without = length(row.assign(tweet=""))[0]
-    if without > limit:
-        raise ContextError(f"tweet {row['id'].iloc[0]}: its prompt does not fit even empty")
-    keep = max(0, limit - without)
+def _cut(
+    row: pd.DataFrame, keep: int, limit: int, rules: TokenizerRules, length
+) -> tuple[str, int]:
+    """The tweet of a one-row frame, cut at a token boundary (``keep`` tokens first)
+    until its prompt fits ``limit``."""
+    ids = rules.encode([str(row["tweet"].iloc[0])])[0]
     while True:
         text = rules.tokenizer.decode(ids[:keep]).rstrip()
         n = length(row.assign(tweet=text))[0]
