@@ -190,6 +190,11 @@ def test_a_tweet_longer_than_the_context_is_cut_to_fit_and_flagged(
     assert meta["truncated"] == 1 and meta["truncated_ids"] == ["long1"]
     assert meta["longest_prompt_tokens"] <= meta["prompt_token_limit"] < meta["context_tokens"]
     assert meta["context_tokens"] == 8192 and meta["longest_prompt_tokens"] > 8000
+    # What reproduces it: the weights, the sample, the versions, the commit.
+    assert meta["weights_sha256"] and len(meta["weights_sha256"]) == 64
+    assert meta["sample"]["sha256"] and meta["sample"]["file"].endswith("long.tsv")
+    assert {"torch", "transformers", "tokenizers", "peft", "accelerate"} <= set(meta["versions"])
+    assert meta["git_commit"] == "unknown"  # this job was given no checkout
 
 
 def test_shots_that_cannot_fit_the_context_stop_the_job_before_the_model_loads(
@@ -303,3 +308,17 @@ def test_the_readme_says_how_to_call_snakemake_and_recover_from_a_crash():
     for text in (".venv/bin/snakemake", "source .venv/bin/activate", "SNAKEMAKE_ARGS",
                  "--unlock", "--rerun-incomplete", "half-written"):
         assert text in readme, text
+
+
+def test_calibration_with_shots_chosen_per_tweet_is_refused_by_a_dry_run(workflow_dir):
+    prompt = workflow_dir / "prompts" / "few_shot.yaml"
+    prompt.write_text(prompt.read_text().replace("selection: random", "selection: similar"))
+    extra = workflow_dir / "calibrated.yaml"
+    extra.write_text("scoring:\n  calibrate: true\n")
+    result = run_snakemake(workflow_dir, "-n", "--configfile", str(extra), check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert "prompts/few_shot.yaml: 'selection' 'similar' chooses the shots per tweet" in message
+    assert "scoring.calibrate" in message
+    extra.write_text("scoring:\n  calibrate: false\n")
+    run_snakemake(workflow_dir, "-n", "--configfile", str(extra))  # without it: fine

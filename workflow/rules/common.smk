@@ -17,6 +17,7 @@ from emoprompt.prompting.prompt_file import load_prompt_file  # noqa: E402
 from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES, strategies_for  # noqa: E402
 from emoprompt.infra.config_check import config_error_message, config_problems  # noqa: E402
 from emoprompt.data.splits import DataError, read_split  # noqa: E402
+from emoprompt.prompting.fewshot import check_calibration  # noqa: E402
 from emoprompt.prompting.fewshot import check_settings as check_few_shot  # noqa: E402
 from emoprompt.prompting.prompt_file import PromptError  # noqa: E402
 from emoprompt.infra.signals import stop_jobs_on_termination  # noqa: E402, F401 - onstart
@@ -96,6 +97,8 @@ def check_prompt_files():
                 )
             if family == "few_shot":
                 check_few_shot(prompt, splits["train"], splits["test"])
+                calibrated = "few_shot_label_likelihood" in config["strategies"]
+                check_calibration(prompt, calibrated and config["scoring"].get("calibrate"))
         except (PromptError, DataError) as exc:
             raise WorkflowError(str(exc)) from None
 
@@ -260,6 +263,7 @@ def predict_settings(wildcards):
         "scoring": config["scoring"] if method == "label_likelihood" else {},
         "fallback_label": config["fallback_label"],
         "engine": config["engine"],
+        "sample_seed": config["sample_seed"],
     }
 
 

@@ -67,7 +67,7 @@ def grid_predict_inputs(wildcards):
 
 
 def grid_predict_settings(wildcards):
-    settings = predict_settings(wildcards)
+    settings = {**predict_settings(wildcards), "sample_seed": int(wildcards.sample_seed)}
     if wildcards.fewshot_seed != NO_SHOTS:
         settings = {**settings, "fewshot_seed": int(wildcards.fewshot_seed)}
     return settings

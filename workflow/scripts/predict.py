@@ -24,6 +24,7 @@ def main(snakemake) -> None:
             job_threads=snakemake.threads,
             tsv_out=snakemake.output.tsv,
             json_out=snakemake.output.json,
+            workflow_dir=snakemake.scriptdir,
         )
 
 

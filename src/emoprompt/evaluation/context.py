@@ -10,6 +10,7 @@ a message that names the prompt file, the number of shots and the limit.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from emoprompt.evaluation.prompts import build_prompts
 from emoprompt.evaluation.strategies import Settings, Strategy
 from emoprompt.inference.tokens import TokenizerRules
 from emoprompt.prompting.prompt_file import PromptFile
+
+log = logging.getLogger(__name__)
 
 # Tokens kept free beyond the answer's own: a label is tokenised after the prompt, which
 # can take one token more than the label alone.
@@ -78,6 +81,15 @@ def fit_to_context(
             raise ContextError(_too_long(prompt, without, context, limit))
         sample.at[i, "tweet"], lengths[i] = _cut(row, limit - without, limit, rules, length)
         truncated[i] = True
+    if any(truncated):
+        cut = [str(i) for i, flag in zip(sample["id"], truncated, strict=True) if flag]
+        log.warning(
+            "%d of %d tweets cut to fit the context of %d tokens: %s",
+            len(cut),
+            len(sample),
+            context,
+            ", ".join(cut[:10]),
+        )
     return Fitted(sample, truncated, limit, max(lengths, default=0))
 
 

@@ -12,9 +12,12 @@ from emoprompt.evaluation.context import fit_to_context, truncation_record
 from emoprompt.evaluation.predictions import Result, write_result
 from emoprompt.evaluation.runner import run_baseline, run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
+from emoprompt.infra.files import sha256_file
+from emoprompt.infra.provenance import git_commit
 from emoprompt.infra.runtime import configure_cpu
 from emoprompt.models.adapter import adapter_prompt
 from emoprompt.models.spec import ModelSpec
+from emoprompt.prompting.fewshot import check_calibration
 from emoprompt.prompting.fewshot import check_settings as check_few_shot
 from emoprompt.prompting.prompt_file import load_prompt_file
 
@@ -53,8 +56,11 @@ def run_prediction(
     job_threads: int,
     tsv_out: str,
     json_out: str,
+    workflow_dir: str | None = None,
 ) -> Result:
-    """Everything a `predict` job does, so the workflow script only unpacks Snakemake."""
+    """Everything a `predict` job does, so the workflow script only unpacks Snakemake.
+
+    ``workflow_dir`` (a folder of the checkout) names the git commit in the record."""
     from emoprompt.models.loading import context_length, load_model, load_tokenizer
 
     strategy = STRATEGIES[strategy_name]
@@ -68,17 +74,10 @@ def run_prediction(
     # Before the model loads: shots it cannot have, prompts longer than its context.
     if strategy.family == "few_shot":
         check_few_shot(prompt, train, sample)
+        check_calibration(prompt, strategy.method == "label_likelihood" and run_settings.calibrate)
     tokenizer = load_tokenizer(spec, location)
     context = context_length(spec, location, tokenizer)
     fitted = fit_to_context(strategy, prompt, tokenizer, train, sample, run_settings, context)
-    if any(fitted.truncated):
-        log.warning(
-            "%d of %d tweets cut to fit the context of %d tokens: %s",
-            sum(fitted.truncated),
-            len(sample),
-            context,
-            ", ".join(truncation_record(fitted, context)["truncated_ids"][:10]),
-        )
     loaded = load_model(spec, location)
     engine, batch_size = _engine(loaded, engine_settings)
     log.info(
@@ -109,6 +108,7 @@ def run_prediction(
         "engine_stats": dict(engine.stats),
         **truncation_record(fitted, context),
         **result.metadata,
+        **_provenance(sample_path, settings, workflow_dir),
     }
     write_result(result, tsv_out, json_out)
     log.info(
@@ -119,6 +119,18 @@ def run_prediction(
         result.metadata["unparsed"],
     )
     return result
+
+
+def _provenance(sample_path: str, settings: Mapping[str, Any], workflow_dir: str | None):
+    """The evaluation sample (file, digest, seed) and the workflow's git commit."""
+    return {
+        "sample": {
+            "file": sample_path,
+            "sha256": sha256_file(sample_path),
+            "seed": settings.get("sample_seed"),
+        },
+        "git_commit": git_commit(workflow_dir) if workflow_dir else "unknown",
+    }
 
 
 def _job_prompt(strategy, prompt_path: str, settings: Mapping[str, Any], spec: ModelSpec):

@@ -9,6 +9,7 @@ is converted to such a folder first (:mod:`emoprompt.models.gguf`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from emoprompt.infra.files import sha256_file
 from emoprompt.models.adapter import is_adapter, read_training_config
 from emoprompt.models.spec import ModelSpec
 
@@ -243,6 +245,9 @@ def load_model(
     }
     if adapter is not None:
         info["adapter"] = adapter
+    info["weights_sha256"] = weights_digest(path_or_id)
+    # The hub commit the weights came from (a branch such as "main" moves).
+    info["revision_resolved"] = getattr(model.config, "_commit_hash", None)
     log.info(
         "loaded %s on %s (%s, quantization %s, %d parameters) in %.1f s",
         info["name"],
@@ -253,6 +258,22 @@ def load_model(
         info["load_seconds"],
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def weights_digest(path_or_id: str) -> str | None:
+    """One sha256 over a local model folder's weight files (each file's name and sha256,
+    sorted by name); None for a hub id (its resolved commit pins the files)."""
+    folder = Path(path_or_id)
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    lines = "".join(f"{p.name}:{sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
 def _apply_adapter(model: Any, spec: ModelSpec, merge: bool) -> tuple[Any, dict[str, Any]]:

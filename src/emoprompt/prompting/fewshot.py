@@ -317,3 +317,17 @@ def _check_count(pool: pd.DataFrame, train: pd.DataFrame, n: int) -> None:
             f"{n} shots asked but only {len(pool)} train tweets are available "
             f"({len(train) - len(pool)} removed as they are in the test split)"
         )
+
+
+def check_calibration(prompt: Any, calibrate: bool) -> None:
+    """Refuse contextual calibration with shots chosen per tweet: the content-free prompts
+    would carry one tweet's shots, and their prior would be applied to prompts with
+    other shots."""
+    method = prompt.settings["selection"]
+    if calibrate and method in SELECTORS and SELECTORS[method].shared is None:
+        raise PromptError(
+            f"{prompt.path}: 'selection' {method!r} chooses the shots per tweet, so "
+            "contextual calibration (config scoring.calibrate) would apply one content-free "
+            "prior to prompts with other shots; turn calibrate off, or choose shots shared "
+            "by every tweet (random, balanced, manual)"
+        )

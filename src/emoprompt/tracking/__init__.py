@@ -16,6 +16,7 @@ else a SQLite database in the results folder (``results/mlflow.db``) with artefa
 ``results/mlartifacts``.
 """
 
+from emoprompt.infra.provenance import git_commit
 from emoprompt.tracking.client import (
     TrackingUnavailable,
     find_runs,
@@ -37,7 +38,6 @@ from emoprompt.tracking.records import (
     TrackedRun,
     default_artifact_location,
     default_tracking_uri,
-    git_commit,
     prompt_artifact,
     redact_uri,
     resolve_tracking_uri,

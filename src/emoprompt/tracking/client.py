@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from emoprompt.evaluation.metrics import flat_metrics, read_metadata
 from emoprompt.infra.environment import temporary_environ
 from emoprompt.infra.files import sha256_file
+from emoprompt.infra.provenance import git_commit
 from emoprompt.models.adapter import (
     adapter_files,
     read_loss_history,
@@ -35,7 +36,6 @@ from emoprompt.tracking.records import (
     TRAINING_STRATEGY,
     RunFiles,
     TrackedRun,
-    git_commit,
     prompt_artifact,
     redact_uri,
     run_key,

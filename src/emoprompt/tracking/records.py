@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,22 +99,6 @@ def sample_label(sample: Mapping[str, Any]) -> str:
 def run_key(model: str, strategy: str, sample: Mapping[str, Any]) -> str:
     """The deterministic identity of a run: ``{model}/{strategy}/{sample settings}``."""
     return f"{model}/{strategy}/{sample_label(sample)}"
-
-
-def git_commit(folder: str | os.PathLike[str]) -> str:
-    """``git rev-parse HEAD`` of the checkout holding ``folder``; "unknown" if there is none."""
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else "unknown"
 
 
 def _text(value: Any) -> str:
