@@ -42,7 +42,7 @@ def _source(path: Sequence[Any], overrides: Mapping[str, Any], files: Sequence[s
     return "config.yaml"
 
 
-def _describe(error: ValidationError, schema: Mapping[str, Any], overrides, files) -> str:
+def _describe(error: ValidationError, overrides: Mapping[str, Any], files: Sequence[str]) -> str:
     where = _source(list(error.absolute_path), overrides, files)
     key = _dotted(error.absolute_path)
     if error.validator == "additionalProperties":
@@ -83,7 +83,7 @@ def config_problems(
     files = [str(f) for f in configfiles]
     lines: list[str] = []
     for error in errors:
-        lines += _describe(error, schema, dict(overrides or {}), files).splitlines()
+        lines += _describe(error, dict(overrides or {}), files).splitlines()
     if len(lines) > MAX_PROBLEMS:
         lines = [*lines[:MAX_PROBLEMS], f"... and {len(lines) - MAX_PROBLEMS} more"]
     return lines

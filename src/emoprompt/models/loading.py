@@ -147,8 +147,8 @@ def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
 
 
 def _loading(path_or_id: str, load):
-    """``load(**hub_kwargs)``, its failures as :class:`ModelLoadError`; a hub token from
-    the environment is used but never shown."""
+    """``load()``, its failures as :class:`ModelLoadError`; a hub token from the
+    environment is scrubbed from the message."""
     token = _hub_token()
     try:
         return load()
