@@ -219,7 +219,7 @@ def test_first_token_probs_equal_the_plain_computation(tiny, prefix_layout):
     results = {
         "cached": cached.first_token_probs(prompts, LABELS),
         "plain": Engine(
-            model, tokenizer, batch_size=4, reuse_prefix=False, progress=False
+            model, tokenizer, batch_size=4, disable={"prefix_reuse"}, progress=False
         ).first_token_probs(prompts, LABELS),
         "one by one": Engine(model, tokenizer, batch_size=1, progress=False).first_token_probs(
             prompts, LABELS
@@ -252,10 +252,10 @@ def test_label_logprobs_equal_the_plain_computation(tiny, normalize, prefix_layo
     results = {
         "cached": engine.label_logprobs(prompts, LABELS, normalize=normalize),
         "plain": Engine(
-            model, tokenizer, batch_size=4, reuse_prefix=False, progress=False
+            model, tokenizer, batch_size=4, disable={"prefix_reuse"}, progress=False
         ).label_logprobs(prompts, LABELS, normalize=normalize),
         "one by one": Engine(
-            model, tokenizer, batch_size=1, reuse_prefix=False, progress=False
+            model, tokenizer, batch_size=1, disable={"prefix_reuse"}, progress=False
         ).label_logprobs(prompts, LABELS, normalize=normalize),
         "one label per pass": one_per_label.label_logprobs(prompts, LABELS, normalize=normalize),
     }
@@ -328,7 +328,7 @@ def test_a_split_inside_a_word_falls_back_to_the_whole_prompt(tiny_chatml, caplo
 def test_bos_is_added_once(tiny_llama3):
     """Llama 3's tokenizer adds BOS by default and its chat template writes it too."""
     model, tokenizer = tiny_llama3
-    engine = Engine(model, tokenizer, reuse_prefix=False, progress=False)
+    engine = Engine(model, tokenizer, disable={"prefix_reuse"}, progress=False)
     chat = chat_prompts(tokenizer)[:2]
     plain = [PromptParts("", "Tuit: hola\nEmoción:\n"), PromptParts("", "Tuit: adiós\nEmoción:\n")]
     engine.first_token_probs(chat, LABELS)
@@ -350,7 +350,7 @@ def test_bos_is_added_once(tiny_llama3):
 def test_greedy_generation_equals_model_generate_on_each_prompt(tiny, reuse_prefix, prefix_layout):
     model, tokenizer = tiny
     prompts = mixed_prompts(tokenizer)
-    engine = Engine(model, tokenizer, batch_size=4, reuse_prefix=reuse_prefix, progress=False)
+    engine = Engine(model, tokenizer, batch_size=4, disable=() if reuse_prefix else {"prefix_reuse"}, progress=False)
     generations = engine.generate(prompts, max_new_tokens=8)
     assert all(isinstance(g, Generation) for g in generations)
     for prompt, generation in zip(prompts, generations, strict=True):
@@ -408,7 +408,7 @@ def test_real_smollm2_cached_equals_plain_and_generate(smollm2):
     model, tokenizer = smollm2
     prompts = chat_prompts(tokenizer, SYSTEMS[:1], TWEETS)
     cached = Engine(model, tokenizer, batch_size=4, progress=False)
-    plain = Engine(model, tokenizer, batch_size=4, reuse_prefix=False, progress=False)
+    plain = Engine(model, tokenizer, batch_size=4, disable={"prefix_reuse"}, progress=False)
     probs = cached.first_token_probs(prompts, LABELS)
     np.testing.assert_allclose(probs, plain.first_token_probs(prompts, LABELS), atol=ATOL, rtol=0)
     np.testing.assert_allclose(
@@ -440,7 +440,7 @@ def test_rows_fed_in_parts_give_the_plain_computation(tiny, reuse_prefix, monkey
     monkeypatch.setattr(emoprompt.inference.passes, "PREFILL_CHUNK_TOKENS", 5)
     model, tokenizer = tiny
     prompts = mixed_prompts(tokenizer)
-    engine = Engine(model, tokenizer, batch_size=4, reuse_prefix=reuse_prefix, progress=False)
+    engine = Engine(model, tokenizer, batch_size=4, disable=() if reuse_prefix else {"prefix_reuse"}, progress=False)
     passes_before = engine.stats["forward_passes"]
     np.testing.assert_allclose(
         engine.first_token_probs(prompts, LABELS),

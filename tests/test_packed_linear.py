@@ -107,7 +107,7 @@ def test_engine_scores_and_generation_do_not_depend_on_packing(tiny_llama):
     model, tokenizer = tiny_llama
     prompts = mixed_prompts(tokenizer)
     packed = Engine(model, tokenizer, batch_size=4, progress=False)
-    plain = Engine(model, tokenizer, batch_size=4, progress=False, packed_weights=False)
+    plain = Engine(model, tokenizer, batch_size=4, progress=False, disable={"packed_weights"})
     assert packed.capabilities.packed is not None and plain.capabilities.packed is None
     np.testing.assert_allclose(
         packed.first_token_probs(prompts, LABELS),
@@ -178,12 +178,13 @@ def test_the_engine_setting_turns_packing_off(tmp_path, tiny_llama_dir):
             prompt_path=str(repo / "prompts" / "zero_shot.yaml"),
             train_path=str(tmp_path / "split.tsv"),
             sample_path=str(tmp_path / "split.tsv"),
-            settings={"engine": {"threads": 1, "packed_weights": packed}},
+            settings={"engine": {"threads": 1, "disable": [] if packed else ["packed_weights"]}},
             job_threads=1,
             tsv_out=str(out / "p.tsv"),
             json_out=str(out / "p.json"),
         )
-        used[packed] = json.loads((out / "p.json").read_text())["packed_weights"]
+        speedups = json.loads((out / "p.json").read_text())["backend"]["speedups"]
+        used[packed] = "packed_weights" in speedups
         predicted = pd.read_csv(out / "p.tsv", sep="\t")["predicted"].tolist()
         used[packed, "predicted"] = predicted
     assert used[True] is True and used[False] is False

@@ -104,7 +104,6 @@ def run_prediction(
         **{k: v for k, v in loaded.info.items() if k != "name"},
         "batch_size": batch_size,
         "threads": threads,
-        "packed_weights": engine.packed_weights,
         "engine_stats": dict(engine.stats),
         **truncation_record(fitted, context),
         **result.metadata,
@@ -157,8 +156,8 @@ def _engine(loaded, engine_settings: Mapping[str, Any]):
         loaded.model,
         loaded.tokenizer,
         batch_size=batch_size,
-        reuse_prefix=engine_settings.get("reuse_prefix", True),
-        packed_weights=engine_settings.get("packed_weights", True),
+        speedups=engine_settings.get("speedups", "auto"),
+        disable=engine_settings.get("disable", ()),
     )
     return engine, batch_size
 

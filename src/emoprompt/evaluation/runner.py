@@ -23,6 +23,7 @@ from emoprompt.evaluation.predictions import (
 )
 from emoprompt.evaluation.prompts import build_prompts, content_free_prompt
 from emoprompt.evaluation.strategies import BASELINE_MODEL, Settings, Strategy
+from emoprompt.inference.backend import Backend
 from emoprompt.labels import LABELS
 from emoprompt.prompting.parsing import parse_label
 from emoprompt.prompting.prompt_file import PromptFile
@@ -32,9 +33,19 @@ from emoprompt.prompting.render import PromptParts
 CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
-def _calibration(engine: Any, prompts_cf: list[PromptParts], labels, settings: Settings):
-    logprobs = engine.label_logprobs(prompts_cf, labels, normalize=settings.length_normalize)
-    return _softmax(logprobs).mean(axis=0)
+def calibrated(
+    backend: Backend,
+    probs: np.ndarray,
+    content_free: Sequence[PromptParts],
+    labels: Sequence[str],
+    normalize: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Contextual calibration (Zhao et al., 2021): ``probs`` divided by the prior, the
+    mean label probabilities of the ``content_free`` prompts, renormalised; and the prior."""
+    logprobs = backend.label_logprobs(list(content_free), labels, normalize=normalize)
+    prior = _softmax(logprobs).mean(axis=0)
+    out = probs / prior
+    return out / out.sum(axis=1, keepdims=True), prior
 
 
 def _softmax(values: np.ndarray) -> np.ndarray:
@@ -51,9 +62,9 @@ def to_seven(probs: np.ndarray, labels: Sequence[str], label_map: Mapping[str, s
     return out
 
 
-def _generated(engine: Any, parts, labels, label_map, settings: Settings):
+def _generated(backend: Backend, parts, labels, label_map, settings: Settings):
     """Generate, then parse: (predicted classes, parsed flags, raw answers)."""
-    generations = engine.generate(
+    generations = backend.generate(
         parts,
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
@@ -67,21 +78,19 @@ def _generated(engine: Any, parts, labels, label_map, settings: Settings):
     return predicted, parsed, raw
 
 
-def _scored(strategy, engine, tokenizer, prompt, train, sample, parts, settings, record):
+def _scored(strategy, backend, tokenizer, prompt, train, sample, parts, settings, record):
     """Probabilities over the prompt's labels (first token, or calibrated likelihoods)."""
     labels = prompt.labels
     if strategy.method == "first_token":
-        record["label_first_tokens"] = engine.label_first_tokens(labels, parts[0].text)
-        return engine.first_token_probs(parts, labels)
-    probs = _softmax(engine.label_logprobs(parts, labels, normalize=settings.length_normalize))
+        record["label_first_tokens"] = backend.label_first_tokens(labels, parts[0].text)
+        return backend.first_token_probs(parts, labels)
+    probs = _softmax(backend.label_logprobs(parts, labels, normalize=settings.length_normalize))
     if settings.calibrate:
         content_free = [
             content_free_prompt(strategy, prompt, tokenizer, train, sample, text, settings)
             for text in CONTENT_FREE
         ]
-        prior = _calibration(engine, content_free, labels, settings)
-        probs = probs / prior
-        probs = probs / probs.sum(axis=1, keepdims=True)
+        probs, prior = calibrated(backend, probs, content_free, labels, settings.length_normalize)
         record["calibration_prior"] = dict(zip(labels, prior.round(6).tolist(), strict=True))
     return probs
 
@@ -102,7 +111,7 @@ def _method_settings(strategy: Strategy, settings: Settings) -> dict[str, Any]:
 
 def run_llm_strategy(
     strategy: Strategy,
-    engine: Any,
+    backend: Backend,
     tokenizer: Any,
     prompt: PromptFile,
     train: pd.DataFrame,
@@ -110,7 +119,7 @@ def run_llm_strategy(
     settings: Settings,
     truncated: Sequence[bool] | None = None,
 ) -> Result:
-    """Run one prompting strategy over the sample with an engine; return predictions.
+    """Run one prompting strategy over the sample with a backend; return predictions.
 
     ``truncated`` flags the tweets that were cut to fit the context (their cut text is
     in ``sample``)."""
@@ -121,9 +130,9 @@ def run_llm_strategy(
     start = time.perf_counter()
     probs7 = np.full((len(parts), len(LABELS)), np.nan)
     if strategy.method == "generate":
-        predicted, parsed, raw = _generated(engine, parts, labels, label_map, settings)
+        predicted, parsed, raw = _generated(backend, parts, labels, label_map, settings)
     else:
-        probs = _scored(strategy, engine, tokenizer, prompt, train, sample, parts, settings, record)
+        probs = _scored(strategy, backend, tokenizer, prompt, train, sample, parts, settings, record)
         probs7 = to_seven(probs, labels, label_map)
         predicted = [LABELS[i] for i in probs7.argmax(axis=1)]
         parsed, raw = [True] * len(parts), [""] * len(parts)
@@ -145,8 +154,9 @@ def run_llm_strategy(
         "fallback_label": settings.fallback_label,
         "unparsed": int(len(parsed) - sum(parsed)),
         "truncated": int(sum(cut)),
-        "tokens_in": int(engine.stats.get("tokens_in", 0)),
-        "tokens_out": int(engine.stats.get("tokens_out", 0)),
+        "backend": backend.describe(),
+        "tokens_in": int(backend.stats.get("tokens_in", 0)),
+        "tokens_out": int(backend.stats.get("tokens_out", 0)),
         **timing_record(len(frame), seconds),
     }
     return Result(frame, metadata)

@@ -1,7 +1,6 @@
-"""The inference engine behind every prompting strategy.
+"""The inference engine: the fast :class:`~emoprompt.inference.backend.Backend`.
 
-One small interface over any Hugging Face causal LM (model and tokenizer already
-loaded by the caller):
+Over any Hugging Face causal LM (model and tokenizer already loaded by the caller):
 
 * :meth:`Engine.first_token_probs` - next-token probabilities of each label's first
   token, renormalised over the labels (one forward pass per batch, last position only);
@@ -13,8 +12,8 @@ The engine is a facade over parts with one job each:
 
 * :mod:`emoprompt.inference.tokens` - how prompts, labels and answer ends are tokenised
   (shared with fine-tuning);
-* :mod:`emoprompt.inference.capabilities` - which speed-ups the model may use, decided
-  (and checked against the plain forward pass) once per engine;
+* :mod:`emoprompt.inference.capabilities` - which speed-ups the model may use, from the
+  table of what the conformance matrix has proven, decided once per engine;
 * :mod:`emoprompt.inference.planning` - prompts grouped by shared prefix and cut into
   batches;
 * :mod:`emoprompt.inference.passes` - forward passes with prefix KV-cache reuse;
@@ -27,40 +26,37 @@ Prompts may be :class:`emoprompt.prompting.render.PromptParts` or any object wit
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from emoprompt.inference import capabilities, generation, scoring
-from emoprompt.inference.generation import Decoding, Generation
+from emoprompt.inference.backend import END_OF_TURN, Backend, Decoding, Generation, new_stats
 from emoprompt.inference.passes import ForwardPasses
 from emoprompt.inference.planning import BatchPlanner
 from emoprompt.inference.tokens import LabelCollisionError, TokenizerRules
 from emoprompt.prompting.render import PromptParts
 
-__all__ = ["Engine", "Generation", "LabelCollisionError", "PromptParts"]
-
-#: ``end_token`` default of :meth:`Engine.label_logprobs`: the tokenizer's end-of-turn token.
-END_OF_TURN = "<end-of-turn>"
+__all__ = ["END_OF_TURN", "Engine", "Generation", "LabelCollisionError", "PromptParts"]
 
 # Tokens of key/value cache (rows x cached length) that one batch may hold; a batch of
 # long few-shot prompts is made smaller than ``batch_size`` to stay under it.
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
 
-class Engine:
+class Engine(Backend):
     """Batched, prefix-cached scoring and generation with a Hugging Face causal LM.
 
     ``model`` and ``tokenizer`` are loaded by the caller; the tokenizer must have a pad
     token (``padding_side`` does not matter: the engine pads on the left itself). The
     model is put in eval mode; everything runs under ``torch.inference_mode`` on the
-    model's device. ``reuse_prefix=False`` feeds full prompts (same batching): the
-    reference path. ``max_batch_tokens`` bounds rows x cached length per batch.
-    ``packed_weights`` lets float32 linear layers on a CPU run through oneDNN with
-    weights packed once (:mod:`emoprompt.inference.packed_linear`; one more copy of them
-    in memory).
+    model's device. ``speedups``: ``"auto"`` uses those the capability table has proven
+    for the model (:mod:`emoprompt.inference.capabilities`), ``"none"`` the safe path
+    (batched, whole prompts, plain modules), or a list of names (proven or not: for
+    the conformance matrix); ``disable`` names speed-ups not to use.
+    ``max_batch_tokens`` bounds rows x cached length per batch.
     """
 
     def __init__(
@@ -69,10 +65,10 @@ class Engine:
         tokenizer,
         *,
         batch_size: int = 16,
-        reuse_prefix: bool = True,
+        speedups: str | Iterable[str] = "auto",
+        disable: Iterable[str] = (),
         progress: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-        packed_weights: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -85,14 +81,14 @@ class Engine:
         self._dtype = next(
             (p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32
         )
-        self.stats: dict[str, int] = Counter(
-            prompts=0, tokens_in=0, tokens_out=0, label_tokens=0, forward_passes=0, fallbacks=0
-        )
+        self.stats = new_stats()
         self.rules = TokenizerRules(tokenizer)
         self.end_of_turn_id = self.rules.end_of_turn_id
         gen_config = getattr(model, "generation_config", None)
         self.stop_ids = self.rules.stop_ids(getattr(gen_config, "eos_token_id", None))
-        self.capabilities = capabilities.detect(model, self.rules, packed_weights=packed_weights)
+        self.capabilities = capabilities.detect(
+            model, self.rules, speedups=speedups, disable=disable
+        )
         self.passes = ForwardPasses(model, self.capabilities, self.pad_id, self.stats, progress)
         self.planner = BatchPlanner(
             rules=self.rules,
@@ -104,7 +100,7 @@ class Engine:
             # over a few tokens costs about as much as 30 more tokens; accelerators
             # favour full batches.
             pass_cost_tokens=32 if self.device.type == "cpu" else 4096,
-            reuse_prefix=reuse_prefix,
+            reuse_prefix=self.capabilities.uses("prefix_reuse"),
         )
 
     @property
@@ -118,7 +114,16 @@ class Engine:
     @property
     def packed_weights(self) -> bool:
         """Whether linear layers run through oneDNN with packed weights."""
-        return self.capabilities.packed is not None
+        return self.capabilities.uses("packed_weights")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "engine",
+            "device": str(self.device),
+            "dtype": str(self._dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            **self.capabilities.record(),
+        }
 
     # ------------------------------------------------------------------ labels
     def label_tokens(self, labels: Sequence[str], context: str) -> list[list[int]]:
@@ -164,12 +169,7 @@ class Engine:
         prompts = list(prompts)
         if not prompts:
             return np.zeros((0, len(labels)))
-        if end_token == END_OF_TURN:
-            if self.end_of_turn_id is None:
-                raise ValueError("the tokenizer has no end-of-turn or EOS token; pass end_token")
-            end_ids = [self.end_of_turn_id]
-        else:
-            end_ids = self.rules.token_id(end_token) if end_token is not None else []
+        end_ids = self.rules.end_ids(end_token, END_OF_TURN)
         return scoring.label_logprobs(
             self.passes,
             self.planner,

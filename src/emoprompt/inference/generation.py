@@ -3,36 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from emoprompt.inference.backend import Decoding, Generation, answer
 from emoprompt.inference.passes import Batch, ForwardPasses
 from emoprompt.inference.planning import BatchPlanner
 from emoprompt.inference.tokens import TokenizerRules
 from emoprompt.prompting.render import PromptParts
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One generated answer.
-
-    ``tokens_in`` is the prompt's length in tokens (prefix + suffix), ``tokens_out`` the
-    number of tokens generated, the stopping token (EOS, end of turn, newline) included.
-    """
-
-    text: str
-    tokens_in: int
-    tokens_out: int
-
-
-@dataclass(frozen=True)
-class Decoding:
-    max_new_tokens: int = 20
-    do_sample: bool = False
-    temperature: float = 1.0
-    seed: int = 0
-    stop_at_newline: bool = False
 
 
 def generate(
@@ -44,8 +22,6 @@ def generate(
     decoding: Decoding,
 ) -> list[Generation]:
     """Every prompt's answer (see :meth:`emoprompt.inference.engine.Engine.generate`)."""
-    if decoding.do_sample and decoding.temperature <= 0:
-        raise ValueError("temperature must be positive when sampling")
     generator = None
     if decoding.do_sample:
         generator = torch.Generator(device=passes.device).manual_seed(decoding.seed)
@@ -54,7 +30,7 @@ def generate(
     for batch in passes.run(planner, prompts, "generation", extra=steps, passes=1 + steps):
         tokens = _decode_loop(passes, rules, stop_ids, batch, decoding, generator)
         for it, toks in zip(batch.items, tokens, strict=True):
-            out[it.index] = _to_generation(rules, stop_ids, toks, it.n_prompt, decoding)
+            out[it.index] = answer(rules, stop_ids, toks, it.n_prompt, decoding)
         del batch
     return out  # type: ignore[return-value]
 
@@ -94,13 +70,3 @@ def _decode_loop(
         logits, cache = passes.forward(token[:, None], mask, pos[:, None], cache, keep_last=True)
         pos = pos + 1
     return generated
-
-
-def _to_generation(
-    rules: TokenizerRules, stop_ids: set[int], tokens: list[int], n_prompt: int, decoding: Decoding
-) -> Generation:
-    body = tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
-    text = rules.tokenizer.decode(body, skip_special_tokens=True)
-    if decoding.stop_at_newline:
-        text = text.split("\n", 1)[0]
-    return Generation(text=text, tokens_in=n_prompt, tokens_out=len(tokens))

@@ -89,9 +89,9 @@ class ForwardPasses:
         if keep_last and caps.keeps_logits:
             kwargs["logits_to_keep"] = 1
         with contextlib.ExitStack() as stack:
-            if caps.force_gqa and 2 * input_ids.shape[1] <= mask.shape[-1]:
+            if caps.uses("force_gqa") and 2 * input_ids.shape[1] <= mask.shape[-1]:
                 stack.enter_context(temporary_environ(TRANSFORMERS_SDPA_FORCE_GQA="1"))
-            if caps.shared_attention and cache is not None:
+            if caps.uses("shared_attention") and cache is not None:
                 stack.enter_context(shared_prefix(cache))
             if caps.packed is not None:
                 stack.enter_context(caps.packed.active())
@@ -121,7 +121,7 @@ class ForwardPasses:
     def shares_prefix(self, prefix: int, width: int) -> bool:
         """Whether a batch of rows of ``width`` tokens after a ``prefix``-token prefix
         holds that prefix once for all rows (else a copy per row)."""
-        return self.caps.shared_attention and prefix >= SHARED_PREFIX_MIN_RATIO * width
+        return self.caps.uses("shared_attention") and prefix >= SHARED_PREFIX_MIN_RATIO * width
 
     def expand_cache(self, cache, rows: int, width: int):
         """A cache for ``rows`` rows that starts as ``cache`` (one row) and leaves it intact.

@@ -90,7 +90,7 @@ def score_continuations(
     del first_lp
     if all(len(s) == 1 for row in rows for s in row):
         return scores
-    if passes.caps.tree_labels:
+    if passes.caps.uses("tree_labels"):
         return scores + score_tree(passes, batch, rows, dtype)
     rest = torch.zeros_like(scores)
     for j in range(n_labels):

@@ -106,6 +106,16 @@ class TokenizerRules:
             raise ValueError("the tokenizer has no end-of-turn or EOS token")
         return self.end_of_turn_id
 
+    def end_ids(self, end_token: str | None, end_of_turn: str) -> list[int]:
+        """The tokens scored after each label: the end-of-turn token when ``end_token`` is
+        ``end_of_turn`` (the backends' default marker), the token(s) ``end_token`` names,
+        or none for ``None``."""
+        if end_token == end_of_turn:
+            if self.end_of_turn_id is None:
+                raise ValueError("the tokenizer has no end-of-turn or EOS token; pass end_token")
+            return [self.end_of_turn_id]
+        return self.token_id(end_token) if end_token is not None else []
+
     def stop_ids(self, generation_eos: int | Iterable[int] | None = None) -> set[int]:
         """Tokens that end a generated answer: EOS, end of turn, and the model's own."""
         candidates = [self.tokenizer.eos_token_id, self.end_of_turn_id]
