@@ -3,9 +3,9 @@
     python benchmarks/inference.py --method zero_shot_first_token --shots 0 --batch-size 16
 
 Writes ``<out>/<case>.json`` (the measurement) and ``<case>.predictions.json``; when the
-case's reference (same method, batch 1, no prefix cache) has been measured into the same
-folder, the row says whether the predictions agree with it. ``benchmarks/run.py`` (``make
-bench``) runs every case this way and writes the summary.
+case's reference (the plain reference backend on the same method and shots) has been
+measured into the same folder, the row says whether the predictions agree with it.
+``benchmarks/run.py`` (``make bench``) runs every case this way and writes the summary.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 
 from emoprompt.bench.measure import BENCH_TWEETS, METHODS, Case, run_case
 from emoprompt.evaluation.job import settings_from_config
+from emoprompt.inference.capabilities import SPEEDUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-prefix-cache", action="store_true")
+    parser.add_argument("--backend", default="engine", choices=("engine", "reference"))
+    parser.add_argument("--without", choices=SPEEDUPS, help="a speed-up the engine does without")
+    parser.add_argument("--dtype", help="load the model in this dtype (default: the catalogue's)")
     parser.add_argument("--tweets", type=int, default=BENCH_TWEETS)
     parser.add_argument("--repeats", type=int, help="timed passes (default: 3 fast, 1 slow)")
     parser.add_argument("--threads", default="auto", help='torch threads ("auto": every core)')
@@ -44,7 +48,15 @@ def main(argv: list[str] | None = None) -> int:
 
     config = yaml.safe_load(Path(args.config).read_text())
     entry = {**config["model_catalogue"][args.model], "name": args.model}
-    case = Case(args.method, args.shots, args.batch_size, not args.no_prefix_cache)
+    case = Case(
+        args.method,
+        args.shots,
+        args.batch_size,
+        not args.no_prefix_cache,
+        backend=args.backend,
+        without=args.without,
+        load_dtype=args.dtype,
+    )
     row = run_case(
         case,
         entry=entry,

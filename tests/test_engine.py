@@ -350,7 +350,13 @@ def test_bos_is_added_once(tiny_llama3):
 def test_greedy_generation_equals_model_generate_on_each_prompt(tiny, reuse_prefix, prefix_layout):
     model, tokenizer = tiny
     prompts = mixed_prompts(tokenizer)
-    engine = Engine(model, tokenizer, batch_size=4, disable=() if reuse_prefix else {"prefix_reuse"}, progress=False)
+    engine = Engine(
+        model,
+        tokenizer,
+        batch_size=4,
+        disable=() if reuse_prefix else {"prefix_reuse"},
+        progress=False,
+    )
     generations = engine.generate(prompts, max_new_tokens=8)
     assert all(isinstance(g, Generation) for g in generations)
     for prompt, generation in zip(prompts, generations, strict=True):
@@ -440,7 +446,13 @@ def test_rows_fed_in_parts_give_the_plain_computation(tiny, reuse_prefix, monkey
     monkeypatch.setattr(emoprompt.inference.passes, "PREFILL_CHUNK_TOKENS", 5)
     model, tokenizer = tiny
     prompts = mixed_prompts(tokenizer)
-    engine = Engine(model, tokenizer, batch_size=4, disable=() if reuse_prefix else {"prefix_reuse"}, progress=False)
+    engine = Engine(
+        model,
+        tokenizer,
+        batch_size=4,
+        disable=() if reuse_prefix else {"prefix_reuse"},
+        progress=False,
+    )
     passes_before = engine.stats["forward_passes"]
     np.testing.assert_allclose(
         engine.first_token_probs(prompts, LABELS),

@@ -133,7 +133,9 @@ def tiny_model(arch: Architecture, tokenizer: Any, dtype: str, device: str = "cp
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
             init_lora_weights=False,
         )
         model = get_peft_model(model, lora)
@@ -172,15 +174,16 @@ def outputs(backend: Backend, tokenizer: Any, prompt_dir: str | Path) -> dict[st
 
     attempt("first_token", lambda: backend.first_token_probs(prompts, labels))
     for method, normalize in (("likelihood", False), ("likelihood_normalized", True)):
-        attempt(f"{method}_logprobs", lambda n=normalize: backend.label_logprobs(
-            prompts, labels, normalize=n
-        ))
+        attempt(
+            f"{method}_logprobs",
+            lambda n=normalize: backend.label_logprobs(prompts, labels, normalize=n),
+        )
         logprobs = out[f"{method}_logprobs"]
         out[method] = logprobs if isinstance(logprobs, Exception) else _softmax(logprobs)
     attempt("likelihood_calibrated", lambda: _calibrated(backend, tokenizer, prompt_dir, out))
-    attempt("greedy", lambda: [
-        g.text for g in backend.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)
-    ])
+    attempt(
+        "greedy", lambda: [g.text for g in backend.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)]
+    )
     return out
 
 
@@ -344,12 +347,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
     first = "speed-up added to the table's" if additions else "path | speed-ups in use"
     lines = [
         f"| architecture | dtype | {first} | max prob. diff | same label | same text | passed |",
-        "|---|---|---|---|---:|---:|---:|---|" if not additions else "|---|---|---|---:|---:|---:|---|",
+        "|---|---|---|---|---:|---:|---:|---|"
+        if not additions
+        else "|---|---|---|---:|---:|---:|---|",
     ]
     for key, cell in _worst(rows).items():
         arch, dtype, row = key[0], key[1], cell["row"]
-        what = row["added"] if additions else (
-            f"{_path(row)} | {', '.join(row['speedups']) or 'none'}"
+        what = (
+            row["added"]
+            if additions
+            else (f"{_path(row)} | {', '.join(row['speedups']) or 'none'}")
         )
         if "error" in cell:
             result = f"fails: {cell['error'][:90]} | | "
@@ -389,8 +396,7 @@ def render_markdown(proven: list[dict[str, Any]], forced: list[dict[str, Any]]) 
         "",
         "## With the speed-ups the capability table grants",
         "",
-        "This is what the engine runs (`engine: {speedups: auto}`); `make test` checks "
-        "every row.",
+        "This is what the engine runs (`engine: {speedups: auto}`); `make test` checks every row.",
         "",
         *markdown_table(proven),
         "",

@@ -1,12 +1,14 @@
 """Inference benchmark: the product's strategies against the course notebook's way.
 
 One :class:`Case` is one measurement: a method (``notebook_generate`` or a prompting
-strategy), a number of few-shot examples, a batch size and whether the shared prompt
-prefix's KV cache is reused. :func:`measure` runs a case over the benchmark tweets in
-the calling process (the benchmark runner gives every case a process of its own, so
-that peak memory and warm caches belong to that case alone) and returns its row;
-:func:`compare` checks a row's predictions against those of the reference path, the
-same method unbatched (batch size 1) and uncached;
+strategy), a number of few-shot examples, a batch size, whether the shared prompt
+prefix's KV cache is reused, the backend (the engine, or the plain reference backend),
+a speed-up the engine does without, and the dtype the model is loaded in. :func:`measure`
+runs a case over the benchmark tweets in the calling process (the benchmark runner gives
+every case a process of its own, so that peak memory and warm caches belong to that case
+alone) and returns its row; :func:`compare` checks a row's predictions against those of
+the plain reference backend (:class:`emoprompt.inference.reference.ReferenceBackend`:
+one forward pass per prompt and label, transformers' ``generate``);
 :func:`emoprompt.bench.tables.render_markdown` writes the tables of ``BENCHMARKS.md``.
 
 The notebook's way is reimplemented as the notebook ran it: a ``text-generation``
@@ -37,6 +39,7 @@ import pandas as pd
 from emoprompt.evaluation.predictions import score_columns
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
+from emoprompt.inference.capabilities import SPEEDUPS
 from emoprompt.infra.files import write_json
 from emoprompt.labels import LABELS
 from emoprompt.prompting.parsing import parse_label
@@ -62,6 +65,9 @@ class Case:
     shots: int = 0
     batch_size: int = 16
     prefix_cache: bool = True
+    backend: str = "engine"  # or "reference"
+    without: str | None = None  # a speed-up the engine does without
+    load_dtype: str | None = None  # None: the catalogue entry's
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,29 +81,59 @@ class Case:
             )
         if self.batch_size < 1:
             raise BenchError(f"batch_size must be at least 1, not {self.batch_size}")
-        if self.method == NOTEBOOK and (self.batch_size != 1 or self.prefix_cache):
-            raise BenchError(f"{NOTEBOOK} runs one tweet at a time without a cache")
+        if self.backend not in ("engine", "reference"):
+            raise BenchError(f"unknown backend {self.backend!r}; expected engine or reference")
+        if self.without is not None and self.without not in SPEEDUPS:
+            raise BenchError(f"unknown speed-up {self.without!r}; known: {', '.join(SPEEDUPS)}")
+        unbatched = self.batch_size == 1 and not self.prefix_cache
+        if (self.method == NOTEBOOK or self.backend == "reference") and not unbatched:
+            raise BenchError(f"{self.key}: runs one tweet at a time without a cache")
 
     @property
     def is_reference(self) -> bool:
-        """The unbatched, uncached path every other case of its method is checked against."""
-        return self.method != NOTEBOOK and self.batch_size == 1 and not self.prefix_cache
+        """The plain reference backend's run, which every other case of its method (and
+        shots) is checked against."""
+        return self.backend == "reference" and self.method != NOTEBOOK
 
     @property
     def reference(self) -> Case:
         """The case whose predictions this one must equal (the notebook's way is checked
-        against the engine's unbatched, uncached zero-shot generation)."""
+        against the reference's zero-shot generation)."""
         method = "zero_shot_generate" if self.method == NOTEBOOK else self.method
-        return Case(method, self.shots, batch_size=1, prefix_cache=False)
+        return Case(method, self.shots, batch_size=1, prefix_cache=False, backend="reference")
+
+    @property
+    def expects_equal(self) -> bool:
+        """Whether the predictions must equal the reference's (another dtype may differ)."""
+        return not self.is_reference and self.load_dtype is None
 
     @property
     def key(self) -> str:
         cache = "cache" if self.prefix_cache else "nocache"
-        return f"{self.method}-{self.shots}shots-b{self.batch_size}-{cache}"
+        key = f"{self.method}-{self.shots}shots-b{self.batch_size}-{cache}"
+        if self.backend != "engine" and self.method != NOTEBOOK:
+            key += f"-{self.backend}"
+        if self.without:
+            key += f"-without-{self.without}"
+        if self.load_dtype:
+            key += f"-{self.load_dtype}"
+        return key
 
     @classmethod
     def notebook(cls) -> Case:
         return cls(NOTEBOOK, 0, batch_size=1, prefix_cache=False)
+
+
+#: The strategy each speed-up is measured on (``make bench`` runs it with and without).
+SERVES = {
+    "prefix_reuse": ("few_shot_first_token", 10),
+    "shared_attention": ("few_shot_first_token", 10),
+    "force_gqa": ("few_shot_first_token", 10),
+    "tree_labels": ("zero_shot_label_likelihood", 0),
+    "last_layer": ("zero_shot_first_token", 0),
+    "label_head": ("zero_shot_first_token", 0),
+    "packed_weights": ("zero_shot_generate", 0),
+}
 
 
 def bench_sample(test: pd.DataFrame, n: int = BENCH_TWEETS, seed: int = BENCH_SEED) -> pd.DataFrame:
@@ -153,28 +189,30 @@ def _run_once(case, model, tokenizer, prompt, train, sample, settings) -> tuple[
     if case.method == NOTEBOOK:
         return _notebook_way(model, tokenizer, prompt, sample, settings), {}
     from emoprompt.inference.engine import Engine
+    from emoprompt.inference.reference import ReferenceBackend
 
-    engine = Engine(
-        model,
-        tokenizer,
-        batch_size=case.batch_size,
-        reuse_prefix=case.prefix_cache,
-        # The reference computes with PyTorch's own linear layers, so that the fast
-        # paths' agreement with it covers the packed weights too.
-        packed_weights=not case.is_reference,
-        progress=True,
-    )
+    if case.backend == "reference":
+        backend = ReferenceBackend(model, tokenizer, progress=True)
+    else:
+        disable = [] if case.prefix_cache else ["prefix_reuse"]
+        backend = Engine(
+            model,
+            tokenizer,
+            batch_size=case.batch_size,
+            disable=[*disable, *([case.without] if case.without else [])],
+            progress=True,
+        )
     result = run_llm_strategy(
-        STRATEGIES[case.method], engine, tokenizer, prompt, train, sample, settings
+        STRATEGIES[case.method], backend, tokenizer, prompt, train, sample, settings
     )
-    return result.predictions, dict(engine.stats)
+    return result.predictions, {**backend.stats, "speedups": backend.describe()["speedups"]}
 
 
 def default_repeats(case: Case) -> int:
     """Timed passes: 3 for the fast paths (their median), 1 for the slow ones (the
     notebook's way, the unbatched references and batches without the prefix cache),
     whose single pass lasts minutes and so averages the machine's fluctuations out."""
-    return 3 if case.prefix_cache and case.method != NOTEBOOK else 1
+    return 3 if case.prefix_cache and case.backend == "engine" and case.method != NOTEBOOK else 1
 
 
 def measure(
@@ -211,6 +249,7 @@ def measure(
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "tokens_in": stats.get("tokens_in"),
         "forward_passes": stats.get("forward_passes"),
+        "speedups": stats.get("speedups"),
     }
     return row, predictions
 
@@ -298,13 +337,13 @@ def matmul_gflops(seconds: float = 0.5) -> float:
 def default_plan(batch_size: int = 16) -> list[Case]:
     """Every measurement of ``make bench``, references first (later cases compare with them).
 
-    References (batch 1, no cache) of each scored (method, shots) and of both generated
-    methods; the notebook's way; every fast path at ``batch_size`` with the prefix cache;
-    batched without the cache (what batching alone buys); and batch sizes 1, 4 and 32.
+    The plain reference backend's run of each (method, shots) but the 20-shot one; the
+    notebook's way; every fast path at ``batch_size``; each
+    speed-up's strategy without it (:data:`SERVES`; for ``prefix_reuse`` also zero-shot);
+    and the zero-shot methods in bfloat16.
     """
     fast = [
         Case("zero_shot_first_token", 0),
-        Case("few_shot_first_token", 5),
         Case("few_shot_first_token", 10),
         Case("few_shot_first_token", 20),
         Case("zero_shot_generate", 0),
@@ -312,18 +351,21 @@ def default_plan(batch_size: int = 16) -> list[Case]:
         Case("zero_shot_label_likelihood", 0),
     ]
     fast = [dataclasses.replace(c, batch_size=batch_size) for c in fast]
-    references = [c.reference for c in fast]
-    extra = [
-        Case("zero_shot_first_token", 0, batch_size, prefix_cache=False),
-        Case("few_shot_first_token", 10, batch_size, prefix_cache=False),
-        *(
-            Case(method, shots, size)
-            for method, shots in (("zero_shot_first_token", 0), ("few_shot_first_token", 10))
-            for size in (1, 4, 32)
-            if size != batch_size
-        ),
+    # The 20-shot reference alone would take ten minutes on a 2-core CPU: the 20-shot
+    # row measures speed, the 10-shot rows check the few-shot predictions.
+    references = [c.reference for c in fast if c.shots != 20]
+    without = [Case("zero_shot_first_token", 0, batch_size, prefix_cache=False)]
+    for name in SPEEDUPS:  # prefix_reuse: the prefix cache off
+        method, shots = SERVES[name]
+        if name == "prefix_reuse":
+            without.append(Case(method, shots, batch_size, prefix_cache=False))
+        else:
+            without.append(Case(method, shots, batch_size, without=name))
+    dtypes = [
+        Case("zero_shot_first_token", 0, batch_size, load_dtype="bfloat16"),
+        Case("zero_shot_generate", 0, batch_size, load_dtype="bfloat16"),
     ]
-    return [*references, Case.notebook(), *fast, *extra]
+    return [*references, Case.notebook(), *fast, *without, *dtypes]
 
 
 def write_predictions(path: str | os.PathLike[str], predictions: pd.DataFrame) -> None:
@@ -355,6 +397,7 @@ def run_case(
 
     # The notebook's way runs as a plain script would: default allocator settings.
     count = configure_cpu(threads, os.cpu_count() or 1, keep_memory=case.method != NOTEBOOK)
+    entry = {**entry, **({"dtype": case.load_dtype} if case.load_dtype else {})}
     loaded = load_model(dict(entry), str(model_dir), device="cpu")
     train = read_split(Path(data_dir) / "train.tsv")
     sample = bench_sample(read_split(Path(data_dir) / "test.tsv"), tweets)
@@ -376,6 +419,7 @@ def run_case(
     row["same_predictions"] = None
     if not case.is_reference and reference.exists():
         row.update(compare(predictions, read_predictions(reference), case.method))
+        row["expects_equal"] = case.expects_equal
     write_json(out / f"{case.key}.json", row)
     return row
 
@@ -390,4 +434,12 @@ def case_args(case: Case) -> list[str]:
         "--batch-size",
         str(case.batch_size),
     ]
-    return args if case.prefix_cache else [*args, "--no-prefix-cache"]
+    if not case.prefix_cache:
+        args.append("--no-prefix-cache")
+    if case.backend != "engine":
+        args += ["--backend", case.backend]
+    if case.without:
+        args += ["--without", case.without]
+    if case.load_dtype:
+        args += ["--dtype", case.load_dtype]
+    return args

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from emoprompt.bench.measure import BENCH_SEED, GAUGE_SHAPE, NOTEBOOK, WARMUP_TWEETS
+from emoprompt.bench.measure import BENCH_SEED, GAUGE_SHAPE, NOTEBOOK, SERVES, WARMUP_TWEETS
+from emoprompt.inference.capabilities import SPEEDUPS
+
+#: A speed-up stays where it makes its strategy at least this much faster.
+PAYS = 1.10
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -16,13 +20,20 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _find(rows, method, shots=None, batch_size=None, prefix_cache=True):
+def _find(
+    rows, method, shots=None, batch_size=None, prefix_cache=True, *, backend="engine", **fields
+):
+    """The first row of that method, shots, batch size and cache, on ``backend``, without
+    a speed-up turned off and in the catalogue's dtype unless ``fields`` say otherwise."""
+    fields = {"without": None, "load_dtype": None, **fields}
     for r in rows:
         if (
             r["method"] == method
             and (shots is None or r["shots"] == shots)
             and (batch_size is None or r["batch_size"] == batch_size)
             and r["prefix_cache"] == prefix_cache
+            and (r.get("backend", "engine") == backend or method == NOTEBOOK)
+            and all(r.get(k) == v for k, v in fields.items())
         ):
             return r
     return None
@@ -56,12 +67,14 @@ def targets(rows: Sequence[Mapping[str, Any]], batch_size: int) -> list[tuple[st
         out.append(
             ("20-shot first token at least half the zero-shot rate", f"{share:.2f}", share >= 0.5)
         )
-    checked = [r for r in rows if r.get("same_predictions") is not None]
+    checked = [
+        r for r in rows if r.get("same_predictions") is not None and r.get("expects_equal", True)
+    ]
     if checked:
         same = sum(bool(r["same_predictions"]) for r in checked)
         out.append(
             (
-                "predictions equal the unbatched, uncached path's",
+                "predictions equal the plain reference backend's (float32 cases)",
                 f"{same} of {len(checked)} cases",
                 same == len(checked),
             )
@@ -85,12 +98,12 @@ def render_markdown(rows: list[dict[str, Any]], info: Mapping[str, Any]) -> str:
     batch = info.get("batch_size", 16)
     lines = [
         "| method | shots | batch | prefix cache | tweets/s | vs notebook | peak RSS (MiB) | "
-        "same predictions as the unbatched, uncached path |",
+        "same predictions as the plain reference backend |",
         "|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['shots']} | {r['batch_size']} | "
+            f"| {_name(r)} | {r['shots']} | {r['batch_size']} | "
             f"{'yes' if r['prefix_cache'] else 'no'} | {r['tweets_per_s']:.2f} | "
             f"{_cell(r.get('ratio_vs_notebook'), '{:.1f}x')} | {r['peak_rss_mib']:.0f} | "
             f"{_agreement(r)} |"
@@ -106,14 +119,14 @@ def render_markdown(rows: list[dict[str, Any]], info: Mapping[str, Any]) -> str:
     )
     zero = _find(rows, "zero_shot_first_token", 0, batch)
     scaling = [
-        "| shots | prompt tokens fed (mean per tweet) | tweets/s, cache | tweets/s, no cache "
+        "| shots | prompt tokens fed (mean per tweet) | tweets/s, engine | tweets/s, reference "
         "| share of the zero-shot rate |",
         "|---:|---:|---:|---:|---:|",
     ]
     for k in shots:
         method = "zero_shot_first_token" if k == 0 else "few_shot_first_token"
         fast = _find(rows, method, k, batch)
-        slow = _find(rows, method, k, 1, prefix_cache=False)
+        slow = _find(rows, method, k, 1, prefix_cache=False, backend="reference")
         if not fast:
             continue
         fed = slow["tokens_in"] / slow["tweets"] if slow and slow.get("tokens_in") else None
@@ -121,19 +134,6 @@ def render_markdown(rows: list[dict[str, Any]], info: Mapping[str, Any]) -> str:
         scaling.append(
             f"| {k} | {_cell(fed, '{:.0f}')} | {fast['tweets_per_s']:.2f} | "
             f"{_cell(slow and slow['tweets_per_s'], '{:.2f}')} | {_cell(share, '{:.2f}')} |"
-        )
-
-    batches = [
-        "| method | shots | batch | tweets/s | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in sorted(
-        (r for r in rows if r["prefix_cache"] and r["method"].endswith("first_token")),
-        key=lambda r: (r["shots"], r["batch_size"]),
-    ):
-        batches.append(
-            f"| {r['method']} | {r['shots']} | {r['batch_size']} | {r['tweets_per_s']:.2f} | "
-            f"{r['peak_rss_mib']:.0f} |"
         )
 
     goals = ["| goal | measured | met |", "|---|---:|---|"]
@@ -144,11 +144,83 @@ def render_markdown(rows: list[dict[str, Any]], info: Mapping[str, Any]) -> str:
         [
             "### All measurements\n\n" + table,
             "### Goals\n\n" + "\n".join(goals),
+            "### What each speed-up buys\n\n" + "\n".join(speedup_table(rows, batch)),
+            "### dtype\n\n" + "\n".join(dtype_table(rows, batch)),
             "### Cost against the number of shots (first token, batch "
             f"{batch})\n\n" + "\n".join(scaling),
-            "### Batch size (first token, prefix cache reused)\n\n" + "\n".join(batches),
         ]
     )
+
+
+def _name(r: Mapping[str, Any]) -> str:
+    name = r["method"]
+    if r.get("backend") == "reference":
+        name += " (reference backend)"
+    if r.get("without"):
+        name += f", without {r['without']}"
+    if r.get("load_dtype"):
+        name += f", {r['load_dtype']}"
+    return name
+
+
+def speedup_gains(rows: Sequence[Mapping[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """Per speed-up: its strategy's tweets/s with and without it, and whether it pays."""
+    out = []
+    for name in SPEEDUPS:
+        method, shots = SERVES[name]
+        with_it = _find(rows, method, shots, batch)
+        if name == "prefix_reuse":
+            without = _find(rows, method, shots, batch, prefix_cache=False)
+        else:
+            without = _find(rows, method, shots, batch, without=name)
+        if not (with_it and without):
+            continue
+        gain = with_it["tweets_per_s"] / without["tweets_per_s"]
+        out.append(
+            {
+                "speedup": name,
+                "strategy": f"{method}, {shots} shots",
+                "with": with_it["tweets_per_s"],
+                "without": without["tweets_per_s"],
+                "gain": gain,
+                "pays": gain >= PAYS,
+                "used": name in (with_it.get("speedups") or []),
+            }
+        )
+    return out
+
+
+def speedup_table(rows: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
+    lines = [
+        "| speed-up | measured on | tweets/s with | without | with / without | "
+        f"pays ({PAYS - 1:.0%} or more) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for g in speedup_gains(rows, batch):
+        used = "" if g["used"] else " (not in use for this model)"
+        lines.append(
+            f"| {g['speedup']}{used} | {g['strategy']} | {g['with']:.2f} | {g['without']:.2f} | "
+            f"{g['gain']:.2f}x | {'yes' if g['pays'] else '**no**'} |"
+        )
+    return lines
+
+
+def dtype_table(rows: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
+    lines = [
+        "| method | dtype | tweets/s | vs the catalogue's dtype | same predictions as the "
+        "float32 reference |",
+        "|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        if not r.get("load_dtype"):
+            continue
+        base = _find(rows, r["method"], r["shots"], batch)
+        ratio = f"{r['tweets_per_s'] / base['tweets_per_s']:.2f}x" if base else ""
+        lines.append(
+            f"| {r['method']} | {r['load_dtype']} | {r['tweets_per_s']:.2f} | {ratio} | "
+            f"{_agreement(r)} |"
+        )
+    return lines
 
 
 MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")

@@ -132,7 +132,9 @@ def run_llm_strategy(
     if strategy.method == "generate":
         predicted, parsed, raw = _generated(backend, parts, labels, label_map, settings)
     else:
-        probs = _scored(strategy, backend, tokenizer, prompt, train, sample, parts, settings, record)
+        probs = _scored(
+            strategy, backend, tokenizer, prompt, train, sample, parts, settings, record
+        )
         probs7 = to_seven(probs, labels, label_map)
         predicted = [LABELS[i] for i in probs7.argmax(axis=1)]
         parsed, raw = [True] * len(parts), [""] * len(parts)

@@ -96,9 +96,7 @@ def _rows(
     adapter: str = "none",
     attention: str = "sdpa",
 ) -> dict[ModelKey, frozenset[str]]:
-    return {
-        ModelKey(a, attention, "cpu", dtype, adapter=adapter): speedups for a in architectures
-    }
+    return {ModelKey(a, attention, "cpu", dtype, adapter=adapter): speedups for a in architectures}
 
 
 _FULL = ("llama", "mistral", "qwen2", "gpt_neox")
@@ -317,9 +315,7 @@ def _checked_last_layer(model, inner, rules, head, caps: Capabilities):
     if layer is None:
         caps.notes.append("last_layer: no Llama-layout decoder layer")
         return None
-    if not agrees(
-        model, rules, "narrowing", lambda ids: narrowing_agrees(model, layer, head, ids)
-    ):
+    if not agrees(model, rules, "narrowing", lambda ids: narrowing_agrees(model, layer, head, ids)):
         caps.notes.append("last_layer: changes this model's logits")
         log.warning("last-position narrowing changes this model's logits; not used")
         return None

@@ -47,9 +47,9 @@ class ReferenceBackend(Backend):
         # (prompt ids, answer ids) -> summed log-probability: a sequence scored again
         # (the same label length-normalised or not) is not computed twice.
         self._scores: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
-        self._keeps_logits = "logits_to_keep" in inspect.signature(
-            base_model(model).forward
-        ).parameters
+        self._keeps_logits = (
+            "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
+        )
 
     def describe(self) -> dict[str, Any]:
         dtype = next(p.dtype for p in self.model.parameters() if p.dtype.is_floating_point)
@@ -160,4 +160,3 @@ class ReferenceBackend(Backend):
             if token in self.stop_ids or (stop_at_newline and self.rules.is_newline(token)):
                 return tokens[: k + 1]
         return tokens
-
