@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: setup run test lint ui bench clean
+.PHONY: setup run test lint ui bench conformance clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,13 @@ bench: setup
 	$(BIN)/snakemake data/processed/train.tsv data/processed/test.tsv data/models/$(BENCH_MODEL) \
 	  --cores $(CORES) $(if $(DATA),--config data_source=$(DATA)) --rerun-triggers mtime
 	$(BIN)/python benchmarks/run.py -- --model $(BENCH_MODEL)
+
+# The conformance matrix (about 3 minutes on a 2-core CPU): tiny random models of every
+# architecture the capability table covers, the engine against the plain reference
+# backend; writes docs/conformance.md. Needs only the embedded model's tokenizer.
+conformance: setup
+	$(BIN)/snakemake data/models/$(BENCH_MODEL) --cores $(CORES) --rerun-triggers mtime
+	$(BIN)/python -m emoprompt.bench.conformance --tokenizer data/models/$(BENCH_MODEL)
 
 clean:
 	rm -rf .snakemake data results logs

@@ -114,7 +114,7 @@ def test_second_engine_on_a_model_keeps_the_fast_paths(tiny_llama):
     prompts = mixed_prompts(tokenizer)
     first = Engine(model, tokenizer, batch_size=4, progress=False)
     second = Engine(model, tokenizer, batch_size=4, progress=False)
-    assert second.capabilities.shared_attention and second.capabilities.tree_labels
+    assert second.capabilities.uses("shared_attention") and second.capabilities.uses("tree_labels")
     torch.testing.assert_close(
         torch.from_numpy(second.label_logprobs(prompts, LABELS)),
         torch.from_numpy(first.label_logprobs(prompts, LABELS)),

@@ -14,11 +14,11 @@ from conftest import REPO
 
 from emoprompt.bench.measure import (
     NOTEBOOK,
+    SERVES,
     BenchError,
     Case,
     bench_sample,
     compare,
-    SERVES,
     default_plan,
     run_case,
 )
@@ -30,8 +30,8 @@ from emoprompt.bench.tables import (
     speedup_gains,
     targets,
 )
-from emoprompt.inference.capabilities import SPEEDUPS
 from emoprompt.data.splits import prepare, read_split
+from emoprompt.inference.capabilities import SPEEDUPS
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,8 @@ def test_report_states_ratios_goals_and_agreement():
     assert "| 20 | 1060 | 4.00 | 0.20 | 0.44 |" in text  # shots scaling: fed tokens, rates
     # what each speed-up buys: 9.0 with label_head against 8.5 without does not pay
     gains = {g["speedup"]: g for g in speedup_gains(rows, 16)}
-    assert gains["label_head"]["gain"] == pytest.approx(9.0 / 8.5) and not gains["label_head"]["pays"]
+    assert gains["label_head"]["gain"] == pytest.approx(9.0 / 8.5)
+    assert not gains["label_head"]["pays"]
     assert gains["last_layer"]["pays"] and gains["last_layer"]["used"]
     assert "| label_head | zero_shot_first_token, 0 shots | 9.00 | 8.50 | 1.06x | **no** |" in text
     assert "| zero_shot_first_token | bfloat16 | 20.00 | 2.22x | **no** (97/100) |" in text

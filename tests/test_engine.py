@@ -246,9 +246,8 @@ def test_label_logprobs_equal_the_plain_computation(tiny, normalize, prefix_layo
     expected = naive_label_logprobs(
         model, tokenizer, prompts, LABELS, engine.end_of_turn_id, normalize
     )
-    one_per_label = Engine(model, tokenizer, batch_size=3, progress=False)
     # the path for sliding-window / flash attention models
-    one_per_label.capabilities.tree_labels = False
+    one_per_label = Engine(model, tokenizer, batch_size=3, disable={"tree_labels"}, progress=False)
     results = {
         "cached": engine.label_logprobs(prompts, LABELS, normalize=normalize),
         "plain": Engine(
@@ -271,7 +270,7 @@ def test_eager_attention_takes_the_same_masks(tiny_chatml):
     assert model.config._attn_implementation == "eager"
     prompts = mixed_prompts(tokenizer)
     engine = Engine(model, tokenizer, batch_size=4, progress=False)
-    assert engine.capabilities.tree_labels
+    assert engine.capabilities.uses("tree_labels")
     np.testing.assert_allclose(
         engine.label_logprobs(prompts, LABELS),
         naive_label_logprobs(model, tokenizer, prompts, LABELS, engine.end_of_turn_id),
@@ -470,3 +469,35 @@ def test_rows_fed_in_parts_give_the_plain_computation(tiny, reuse_prefix, monkey
     for prompt, generation in zip(prompts, engine.generate(prompts, max_new_tokens=6), strict=True):
         tokens = reference_generate(model, tokenizer, prompt, engine.stop_ids, 6)
         assert generation.text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- reference
+def test_the_reference_backend_is_the_naive_computation(tiny):
+    """The plain reference backend, which the conformance matrix and `make bench` compare
+    the engine with, computes what the naive code above does."""
+    from emoprompt.inference.reference import ReferenceBackend
+
+    model, tokenizer = tiny
+    prompts = mixed_prompts(tokenizer)
+    reference = ReferenceBackend(model, tokenizer)
+    end_id = reference.rules.end_of_turn_id
+    np.testing.assert_allclose(
+        reference.first_token_probs(prompts, LABELS),
+        naive_first_token_probs(model, tokenizer, prompts, LABELS),
+        atol=1e-6,
+        rtol=0,
+    )
+    for normalize in (False, True):
+        np.testing.assert_allclose(
+            reference.label_logprobs(prompts, LABELS, normalize=normalize),
+            naive_label_logprobs(model, tokenizer, prompts, LABELS, end_id, normalize),
+            atol=1e-5,
+            rtol=0,
+        )
+    generations = reference.generate(prompts[:4], max_new_tokens=6)
+    for prompt, generation in zip(prompts[:4], generations, strict=True):
+        tokens = reference_generate(model, tokenizer, prompt, reference.stop_ids, 6)
+        body = tokens[:-1] if tokens and tokens[-1] in reference.stop_ids else tokens
+        assert generation.text == tokenizer.decode(body, skip_special_tokens=True)
+        assert generation.tokens_out == len(tokens)
+    assert reference.describe()["speedups"] == []

@@ -103,12 +103,13 @@ def test_first_token_scores_do_not_depend_on_the_narrowing(tiny_llama, head):
 
     model, tokenizer = tiny_llama
     prompts = mixed_prompts(tokenizer)
-    narrowed = Engine(model, tokenizer, batch_size=4, progress=False)
-    assert narrowed.capabilities.last_layer is not None and narrowed.capabilities.head is not None
-    if head == "whole vocabulary":  # a head that is not a plain linear layer
-        narrowed.capabilities.head = None
-    plain = Engine(model, tokenizer, batch_size=4, progress=False)
-    plain.capabilities.last_layer = plain.capabilities.head = None
+    off = {"label_head"} if head == "whole vocabulary" else set()
+    narrowed = Engine(model, tokenizer, batch_size=4, disable=off, progress=False)
+    assert narrowed.capabilities.last_layer is not None
+    assert (narrowed.capabilities.head is None) == bool(off)
+    plain = Engine(
+        model, tokenizer, batch_size=4, disable={"label_head", "last_layer"}, progress=False
+    )
     np.testing.assert_allclose(
         narrowed.first_token_probs(prompts, LABELS),
         plain.first_token_probs(prompts, LABELS),
@@ -116,3 +117,19 @@ def test_first_token_scores_do_not_depend_on_the_narrowing(tiny_llama, head):
         rtol=0,
     )
     assert "forward" not in vars(model.lm_head)
+
+
+def test_head_columns_keeps_a_wrapper_the_head_had():
+    """A forward set on the instance (as accelerate's hooks do) is put back afterwards."""
+    head = torch.nn.Linear(4, 10)
+    calls = []
+
+    def wrapped(hidden):
+        calls.append(1)
+        return torch.nn.Linear.forward(head, hidden)
+
+    head.forward = wrapped
+    with head_columns(head, torch.tensor([3, 1])):
+        assert head(torch.ones(1, 4)).shape == (1, 2)
+    assert vars(head)["forward"] is wrapped
+    assert head(torch.ones(1, 4)).shape == (1, 10) and calls == [1]

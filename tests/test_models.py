@@ -367,3 +367,22 @@ def test_cached_build_leaves_nothing_behind_when_interrupted(tmp_path, monkeypat
     assert built.is_dir() and built.name.startswith("thing-tf")
     # a second call reuses it without building
     assert fixtures_models.cached_build("thing", lambda out: pytest.fail("rebuilt")) == built
+
+
+def test_dtype_auto_takes_bfloat16_where_the_cpu_has_native_bfloat16_units():
+    from emoprompt.models.loading import auto_dtype
+
+    assert auto_dtype("cpu", {"avx2", "avx512_bf16"})[0] == "bfloat16"
+    assert auto_dtype("cpu", {"amx_bf16", "amx_tile"})[0] == "bfloat16"
+    name, why = auto_dtype("cpu", {"avx2", "fma"})
+    assert name == "float32" and "without native bfloat16" in why
+    assert auto_dtype("mps")[0] == "float32"
+
+
+def test_dtype_auto_is_resolved_and_recorded(tiny_llama_dir):
+    from emoprompt.models.loading import auto_dtype
+
+    loaded = load_model({**SPEC, "dtype": "auto"}, str(tiny_llama_dir), device="cpu")
+    assert loaded.info["dtype_requested"] == "auto"
+    assert loaded.info["dtype"] == auto_dtype("cpu")[0]
+    assert str(loaded.model.dtype) == f"torch.{auto_dtype('cpu')[0]}"

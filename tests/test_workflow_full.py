@@ -85,6 +85,19 @@ def test_one_mlflow_run_per_model_and_strategy(finished_run: Path):
             "WHERE t.key = 'emoprompt.key' AND r.lifecycle_stage = 'active'"
         ).fetchall()
     assert len(keys) == 7 and len(set(keys)) == 7
+    # how each model run computed: its backend, model key and speed-ups are parameters
+    with sqlite3.connect(finished_run / "results" / "mlflow.db") as db:
+        params = dict(
+            db.execute(
+                "SELECT p.key, p.value FROM params p JOIN runs r ON r.run_uuid = p.run_uuid "
+                "JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'emoprompt.key' "
+                "AND t.value LIKE 'smollm2-135m-instruct/zero_shot_first_token/%' "
+                "AND r.lifecycle_stage = 'active'"
+            ).fetchall()
+        )
+    assert params["backend"] == "engine"
+    assert params["model_key"] == "llama/sdpa/cpu/float32"
+    assert "prefix_reuse" in params["speedups"].split(",")
 
 
 def _intervals(workflow: Path) -> dict[str, dict]:

@@ -276,6 +276,10 @@ def detect(
             wanted.discard("shared_attention")
     if "label_head" in wanted:
         caps.head = output_head(inner)
+        if caps.head is not None and hasattr(caps.head, "_hf_hook"):
+            # accelerate's hook moves the head's inputs between devices: keep it whole
+            caps.notes.append("label_head: the LM head is dispatched by accelerate")
+            caps.head = None
     if "last_layer" in wanted:
         caps.last_layer = _checked_last_layer(model, inner, rules, output_head(inner), caps)
     if "packed_weights" in wanted:

@@ -92,11 +92,15 @@ def head_columns(head: torch.nn.Linear, ids: torch.Tensor) -> Iterator[None]:
     order: its output's last dimension is ``len(ids)``."""
     weight = head.weight[ids]
     bias = None if head.bias is None else head.bias[ids]
+    previous = vars(head).get("forward")  # a wrapper of the instance's own, if any
     head.forward = lambda hidden: F.linear(hidden, weight, bias)
     try:
         yield
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def narrowing_agrees(

@@ -66,6 +66,37 @@ def torch_dtype(name: str) -> torch.dtype | str:
         raise ModelLoadError(f"unknown dtype {name!r}; expected one of {expected}") from None
 
 
+#: CPU flags of native bfloat16 matrix units (Intel AMX, AVX-512 BF16 on Intel and AMD).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (Linux), or an empty set where they cannot be read."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def auto_dtype(device: str, flags: set[str] | None = None) -> tuple[str, str]:
+    """What ``dtype: auto`` loads on ``device``, and why: bfloat16 on a CUDA device that
+    supports it (else float16), on a CPU with native bfloat16 matrix units
+    (:data:`BF16_CPU_FLAGS`); float32 elsewhere."""
+    if device.startswith("cuda"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16", "CUDA device with bfloat16 support"
+        return "float16", "CUDA device without bfloat16 support"
+    if device == "cpu":
+        found = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+        if found:
+            return "bfloat16", f"CPU with native bfloat16 matrix units ({', '.join(found)})"
+        return "float32", "CPU without native bfloat16 matrix units"
+    return "float32", f"{device}: float32"
+
+
 def _hub_token() -> str | None:
     """The hub token from the environment, or None. Never log or return it."""
     for name in TOKEN_ENV_VARS:
@@ -115,6 +146,10 @@ def _weights_kwargs(spec: ModelSpec, path_or_id: str, device: str) -> tuple[dict
             f"expected one of {', '.join(QUANTIZATIONS)}"
         )
     dtype = torch_dtype(spec.dtype)
+    if dtype == "auto":
+        name, why = auto_dtype(device)
+        log.info("%s: dtype auto is %s (%s)", path_or_id, name, why)
+        dtype = torch_dtype(name)
     if spec.quantization != "nf4":
         return {"dtype": dtype, "device_map": device}, None
     blocker = nf4_blocker(device)
@@ -237,6 +272,7 @@ def load_model(
         "revision": spec.revision,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype_requested": spec.dtype,
         "quantization": "nf4" if quantized else "none",
         "quantization_requested": spec.quantization,
         "fallback_used": fallback,

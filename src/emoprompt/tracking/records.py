@@ -142,6 +142,11 @@ def run_params(
         "batch_size": metadata.get("batch_size"),
         "git_commit": commit,
     }
+    backend = metadata.get("backend") or {}
+    if backend:  # how the numbers were computed: runs that computed differently differ
+        params["backend"] = backend.get("backend")
+        params["model_key"] = backend.get("model_key")
+        params["speedups"] = ",".join(backend.get("speedups") or []) or "none"
     for name, value in decoding.items():
         params[f"decoding_{name}"] = value
     for name, value in scoring.items():
