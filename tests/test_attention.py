@@ -9,7 +9,6 @@ import torch
 
 from emoprompt.inference.attention import (
     SharedPrefixLayer,
-    last_query_only,
     shared_prefix,
     shared_prefix_attention,
 )
@@ -142,44 +141,3 @@ def test_layers_with_different_prefixes_in_one_pass():
     for args, mask, out in zip((first, second), masks, got, strict=True):
         real = mask[:, 0, :, -own:].any(-1)
         torch.testing.assert_close(out[real], full_attention(*args, mask)[real], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("where", ["shared prefix", "plain sdpa"])
-def test_last_query_only_gives_the_last_position(where):
-    q_len, prefix, own = 5, 7, 5
-    args = tensors(q_len, prefix, own, seed=5)
-    mask = padded_causal_mask(prefix, own, q_len)
-    expected = full_attention(*args, mask)[:, -1]
-    module = types.SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS)
-    with last_query_only(module):
-        if where == "shared prefix":
-            layer = SharedPrefixLayer(args[1], args[2], ROWS)
-            with shared_prefix(types.SimpleNamespace(layers=[layer])):
-                out, _ = shared_prefix_attention(module, args[0], args[3], args[4], mask)
-        else:
-            keys = torch.cat([args[1].expand(ROWS, -1, -1, -1), args[3]], 2)
-            values = torch.cat([args[2].expand(ROWS, -1, -1, -1), args[4]], 2)
-            out, _ = shared_prefix_attention(module, args[0], keys, values, mask)
-    assert out.shape == (ROWS, q_len, HEADS, DIM)
-    # Every position holds the last one's output; the last is exact.
-    torch.testing.assert_close(out[:, -1], expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[:, 0], expected, atol=1e-5, rtol=0)
-    # Outside the block, and for other modules, all positions are computed.
-    other = types.SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS)
-    with last_query_only(other):
-        layer = SharedPrefixLayer(args[1], args[2], ROWS)
-        with shared_prefix(types.SimpleNamespace(layers=[layer])):
-            full, _ = shared_prefix_attention(module, args[0], args[3], args[4], mask)
-    real = mask[:, 0, :, prefix:].any(-1)
-    torch.testing.assert_close(full[real], full_attention(*args, mask)[real], atol=1e-5, rtol=0)
-
-
-def test_last_query_only_without_a_mask_is_not_causal():
-    """A causal pass without a mask (transformers leaves it to the kernel): the last
-    query alone sees every key, so the narrowed call must not apply causality to it."""
-    query, _, _, keys, values = tensors(4, 1, 4, seed=6)
-    module = types.SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS)
-    expected, _ = shared_prefix_attention(module, query, keys, values, None)
-    with last_query_only(module):
-        out, _ = shared_prefix_attention(module, query, keys, values, None)
-    torch.testing.assert_close(out[:, -1], expected[:, -1], atol=1e-5, rtol=0)

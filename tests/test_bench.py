@@ -108,7 +108,7 @@ def rows_for_report():
             "backend": "reference" if reference else "engine",
             "without": None,
             "load_dtype": None,
-            "speedups": ["label_head", "last_layer"],
+            "speedups": ["tree_labels", "packed_weights"],
             **fields,
             "is_reference": reference,
             "tweets": 100,
@@ -126,8 +126,9 @@ def rows_for_report():
         row("zero_shot_first_token", 0, 16, True, 9.0),
         row("few_shot_first_token", 20, 16, True, 4.0, same=False),
         row("zero_shot_label_likelihood", 0, 16, True, 3.0, mib=2500.0),
-        row("zero_shot_first_token", 0, 16, True, 8.5, without="label_head"),
-        row("zero_shot_first_token", 0, 16, True, 6.0, without="last_layer"),
+        row("zero_shot_label_likelihood", 0, 16, True, 2.8, without="tree_labels"),
+        row("zero_shot_generate", 0, 16, True, 1.0),
+        row("zero_shot_generate", 0, 16, True, 0.6, without="packed_weights"),
         row("zero_shot_first_token", 0, 16, True, 20.0, same=False, load_dtype="bfloat16"),
     ]
 
@@ -146,18 +147,20 @@ def test_report_states_ratios_goals_and_agreement():
     rows[-1]["expects_equal"] = False
     goals = {label: (value, ok) for label, value, ok in targets(rows, 16)}
     assert goals["predictions equal the plain reference backend's (float32 cases)"] == (
-        "5 of 6 cases",
+        "6 of 7 cases",
         False,
     )
     text = render_markdown(rows, {"batch_size": 16})
     assert "| few_shot_first_token | 20 | 16 | yes | 4.00 | 8.0x | 1000 | **no** (97/100) |" in text
     assert "| 20 | 1060 | 4.00 | 0.20 | 0.44 |" in text  # shots scaling: fed tokens, rates
-    # what each speed-up buys: 9.0 with label_head against 8.5 without does not pay
+    # what each speed-up buys: 3.0 with tree_labels against 2.8 without does not pay
     gains = {g["speedup"]: g for g in speedup_gains(rows, 16)}
-    assert gains["label_head"]["gain"] == pytest.approx(9.0 / 8.5)
-    assert not gains["label_head"]["pays"]
-    assert gains["last_layer"]["pays"] and gains["last_layer"]["used"]
-    assert "| label_head | zero_shot_first_token, 0 shots | 9.00 | 8.50 | 1.06x | **no** |" in text
+    assert gains["tree_labels"]["gain"] == pytest.approx(3.0 / 2.8)
+    assert not gains["tree_labels"]["pays"]
+    assert gains["packed_weights"]["pays"] and gains["packed_weights"]["used"]
+    text = render_markdown(rows, {"batch_size": 16})
+    line = "| tree_labels | zero_shot_label_likelihood, 0 shots | 3.00 | 2.80 | 1.07x | **no** |"
+    assert line in text
     assert "| zero_shot_first_token | bfloat16 | 20.00 | 2.22x | **no** (97/100) |" in text
 
 

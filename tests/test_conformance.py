@@ -73,9 +73,13 @@ def test_the_table_grants_exactly_what_the_matrix_checked(matrix):
     for row in matrix:
         if "sliding" in row["model_key"]:
             assert not {"prefix_reuse", "shared_attention", "tree_labels"} & set(row["speedups"])
-    # the unmerged LoRA model keeps the last-position path (no full-vocabulary logits)
+    # the unmerged LoRA model gets the same speed-ups as the plain one
     lora = [r for r in matrix if r["architecture"] == "llama + unmerged LoRA"]
-    assert lora and all({"last_layer", "label_head"} <= set(r["speedups"]) for r in lora)
+    plain = {(r["dtype"], r["batch"], r["prefix_reuse_asked"]): r["speedups"] for r in matrix
+             if r["architecture"] == "llama"}
+    assert lora and all(
+        r["speedups"] == plain[r["dtype"], r["batch"], r["prefix_reuse_asked"]] for r in lora
+    )
 
 
 def test_the_matrix_catches_prefix_reuse_under_a_sliding_window(tokenizer):
@@ -133,7 +137,7 @@ def test_speedups_can_be_turned_off_by_name_and_unknown_names_are_refused(tiny_l
     model, tokenizer = tiny_llama
     engine = Engine(model, tokenizer, disable=["packed_weights", "tree_labels"], progress=False)
     used = engine.capabilities.speedups
-    assert "packed_weights" not in used and "tree_labels" not in used and "label_head" in used
+    assert "packed_weights" not in used and "tree_labels" not in used and "prefix_reuse" in used
     assert Engine(model, tokenizer, speedups="none", progress=False).describe()["speedups"] == []
     with pytest.raises(ValueError, match="unknown speed-up"):
         Engine(model, tokenizer, disable=["warp_drive"], progress=False)
@@ -150,8 +154,8 @@ def test_model_key_names_what_decides_the_computation(tiny_llama):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 4-bit needs CUDA")
 def test_a_4bit_model_with_an_unmerged_adapter_keeps_the_last_position_path(tokenizer, tmp_path):
-    """4-bit weights (bitsandbytes NF4) under an unmerged LoRA adapter: logits_to_keep
-    and the label-column head are found through the peft wrapper."""
+    """4-bit weights (bitsandbytes NF4) under an unmerged LoRA adapter: logits_to_keep is
+    found through the peft wrapper (the logits of the last position only)."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig
 

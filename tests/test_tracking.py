@@ -301,3 +301,26 @@ def test_a_tracking_store_that_does_not_answer_fails_fast_and_says_what_to_do(se
     assert "results/predictions" in message and "mlflow_timeout" in message
     assert waited < 30, waited  # MLflow's own defaults wait minutes
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # set for the call only
+
+
+def test_a_run_that_computed_differently_is_not_merged_into_the_first(tracked, tmp_path: Path):
+    """Same model, strategy and sample, but other speed-ups (say, packed weights off for
+    want of memory): the second run replaces the first instead of updating it."""
+    uri, artifacts = tracked["uri"], (tmp_path / "mlartifacts").as_uri()
+    files = make_run_files(tmp_path, "smol", "zero_shot_first_token", seed=3)
+    backend = {"backend": "engine", "model_key": "llama/sdpa/cpu/float32"}
+    metadata = json.loads(files.metadata.read_text(encoding="utf-8"))
+    metadata["backend"] = {**backend, "speedups": ["prefix_reuse", "packed_weights"]}
+    files.metadata.write_text(json.dumps(metadata), encoding="utf-8")
+    (first,) = track_runs(
+        [files], experiment="speedups", tracking_uri=uri, sample=SAMPLE, artifact_location=artifacts
+    )
+    params = MlflowClient(tracking_uri=uri).get_run(first.run_id).data.params
+    assert params["speedups"] == "prefix_reuse,packed_weights"
+    assert params["model_key"] == "llama/sdpa/cpu/float32"
+    metadata["backend"] = {**backend, "speedups": ["prefix_reuse"]}
+    files.metadata.write_text(json.dumps(metadata), encoding="utf-8")
+    (second,) = track_runs(
+        [files], experiment="speedups", tracking_uri=uri, sample=SAMPLE, artifact_location=artifacts
+    )
+    assert second.action == "replaced" and second.run_id != first.run_id

@@ -128,10 +128,7 @@ class Case:
 SERVES = {
     "prefix_reuse": ("few_shot_first_token", 10),
     "shared_attention": ("few_shot_first_token", 10),
-    "force_gqa": ("few_shot_first_token", 10),
     "tree_labels": ("zero_shot_label_likelihood", 0),
-    "last_layer": ("zero_shot_first_token", 0),
-    "label_head": ("zero_shot_first_token", 0),
     "packed_weights": ("zero_shot_generate", 0),
 }
 

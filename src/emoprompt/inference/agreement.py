@@ -1,8 +1,8 @@
 """Whether a variant of a model's forward pass gives the plain pass's logits.
 
-The engine's speed-ups (:mod:`emoprompt.inference.last_position`,
-:mod:`emoprompt.inference.packed_linear`) change how a forward pass computes, never what:
-each is checked once per model, on a short input, before it is used.
+The engine's packed weights (:mod:`emoprompt.inference.packed_linear`) change how a
+forward pass computes, never what: they are checked once per model, on a short input,
+before they are used.
 """
 
 from __future__ import annotations

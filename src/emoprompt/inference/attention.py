@@ -13,9 +13,7 @@ the cache no longer grows with rows x prefix length.
 The engine registers the function with transformers under :data:`IMPLEMENTATION`,
 builds the batch's cache from :class:`SharedPrefixLayer` and names that cache for the
 duration of a forward pass (:func:`shared_prefix`). Layers of any other kind, and calls
-outside such a pass, go to transformers' SDPA attention unchanged. On either path,
-:func:`last_query_only` narrows a layer to its last query, for passes that read the
-last position alone.
+outside such a pass, go to transformers' SDPA attention unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from transformers.cache_utils import DynamicLayer
 
 IMPLEMENTATION = "emoprompt_shared_prefix"
 _PASS: contextvars.ContextVar[Any] = contextvars.ContextVar("shared_prefix_pass", default=None)
-_LAST_QUERY: contextvars.ContextVar[tuple] = contextvars.ContextVar("last_query", default=())
 
 
 class SharedPrefixLayer(DynamicLayer):
@@ -88,19 +85,6 @@ def shared_prefix(cache: Any) -> Iterator[None]:
         _PASS.reset(token)
 
 
-@contextlib.contextmanager
-def last_query_only(module: torch.nn.Module) -> Iterator[None]:
-    """Within the block, the attention ``module`` (a decoder layer's ``self_attn``)
-    computes its last query position only when it runs through
-    :func:`shared_prefix_attention`; every position's output is then the last one's,
-    so only the last may be read."""
-    token = _LAST_QUERY.set((*_LAST_QUERY.get(), module))
-    try:
-        yield
-    finally:
-        _LAST_QUERY.reset(token)
-
-
 def shared_prefix_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -115,14 +99,6 @@ def shared_prefix_attention(
     ``value`` (B, Hkv, K, D), only the rows' own positions when the layer's cache is a
     :class:`SharedPrefixLayer`; ``attention_mask`` boolean (True: may attend) or
     additive, over prefix + own positions. Returns the output as (B, Q, H, D)."""
-    q_len = query.shape[2]
-    if q_len > 1 and any(m is module for m in _LAST_QUERY.get()):
-        if attention_mask is not None and attention_mask.shape[-2] > 1:
-            attention_mask = attention_mask[..., -1:, :]
-        out, weights = _attention(
-            module, query[:, :, -1:], key, value, attention_mask, dropout, scaling, **kwargs
-        )
-        return out.expand(-1, q_len, -1, -1), weights
     return _attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 

@@ -10,14 +10,8 @@ has been proven to. The speed-ups, by name (:data:`SPEEDUPS`):
   not real tokens, so a padded row would see fewer real tokens than it does alone.
 * ``shared_attention`` - rows that continue one cached prefix share one copy of it and
   attend to it all at once (:mod:`emoprompt.inference.attention`).
-* ``force_gqa`` - transformers' SDPA path copies keys and values once per query head
-  group whenever a mask is given; PyTorch's CPU kernel takes grouped-query attention
-  with a mask (``TRANSFORMERS_SDPA_FORCE_GQA``), used for short queries over a long cache.
 * ``tree_labels`` - label likelihoods score all labels of a batch in one extra pass, the
   labels laid side by side under a 4D attention mask (a tree of continuations).
-* ``last_layer`` - passes that keep the last position only run the last decoder layer's
-  output projection and MLP for that position (:mod:`emoprompt.inference.last_position`).
-* ``label_head`` - first-token scores compute the label tokens' logits only.
 * ``packed_weights`` - float32 linear layers on a CPU compute through oneDNN with
   weights packed once (:mod:`emoprompt.inference.packed_linear`).
 
@@ -28,8 +22,14 @@ library versions of :data:`PROVEN_VERSIONS`: the rows the conformance matrix
 reference backend. Anything else runs the engine's safe path - batched, left-padded,
 whole prompts, plain modules - and the log says so. What was decided goes into every
 prediction record and MLflow run (:meth:`Capabilities.record`), so two runs that
-computed differently are never taken for one. ``last_layer`` and ``packed_weights`` are
-also checked once per model, on a short input, before use.
+computed differently are never taken for one. ``packed_weights`` is also checked once
+per model, on a short input, before use.
+
+Each speed-up also earned its place in ``make bench`` (at least 10% on the strategy it
+serves, against the same engine without it). Three that did not were removed with
+their code on 2026-12-02: forcing grouped-query SDPA with a mask (4% on ten-shot
+scoring), running the last decoder layer for the last position only (1% on zero-shot
+scoring) and computing only the label tokens' columns of the LM head (none).
 """
 
 from __future__ import annotations
@@ -46,21 +46,12 @@ import torch
 from emoprompt.inference.agreement import logits_agree
 from emoprompt.inference.attention import IMPLEMENTATION as SHARED_PREFIX_ATTENTION
 from emoprompt.inference.attention import register as register_attention
-from emoprompt.inference.last_position import last_layer, narrowing_agrees, output_head
 from emoprompt.inference.packed_linear import PackedLinears
 from emoprompt.inference.tokens import TokenizerRules
 
 log = logging.getLogger(__name__)
 
-SPEEDUPS = (
-    "prefix_reuse",
-    "shared_attention",
-    "force_gqa",
-    "tree_labels",
-    "last_layer",
-    "label_head",
-    "packed_weights",
-)
+SPEEDUPS = ("prefix_reuse", "shared_attention", "tree_labels", "packed_weights")
 _ALL = frozenset(SPEEDUPS)
 # Full attention everywhere: every speed-up. A sliding window: no prefix reuse (mid-row
 # padding), so no shared prefix either; the label tree's 4D mask bypasses the window.
@@ -202,8 +193,6 @@ class Capabilities:
     speedups: frozenset[str]  # in use
     cache_arg: str  # "cache" (transformers 5) or the older "past_key_values"
     keeps_logits: bool  # the forward takes logits_to_keep
-    head: torch.nn.Linear | None = None  # set with label_head
-    last_layer: torch.nn.Module | None = None  # set with last_layer
     packed: PackedLinears | None = None  # set with packed_weights
     notes: list[str] = field(default_factory=list)  # why speed-ups are off
 
@@ -262,35 +251,19 @@ def detect(
     )
     wanted = _wanted(caps, speedups) - check_names(disable, "engine.disable")
     # Each speed-up needs the hooks it works through; those missing drop it.
-    sdpa_cpu = key.attention == "sdpa" and key.device == "cpu"
-    if not sdpa_cpu:
-        wanted -= {"force_gqa", "shared_attention"}
+    if key.attention != "sdpa" or key.device != "cpu" or "prefix_reuse" not in wanted:
+        wanted.discard("shared_attention")
     if key.attention not in ("sdpa", "eager"):
         wanted.discard("tree_labels")
-    if "prefix_reuse" not in wanted:
-        wanted.discard("shared_attention")
     if "shared_attention" in wanted:
         if hasattr(inner, "set_attn_implementation"):
             inner.set_attn_implementation(register_attention())
         else:
             wanted.discard("shared_attention")
-    if "label_head" in wanted:
-        caps.head = output_head(inner)
-        if caps.head is not None and hasattr(caps.head, "_hf_hook"):
-            # accelerate's hook moves the head's inputs between devices: keep it whole
-            caps.notes.append("label_head: the LM head is dispatched by accelerate")
-            caps.head = None
-    if "last_layer" in wanted:
-        caps.last_layer = _checked_last_layer(model, inner, rules, output_head(inner), caps)
     if "packed_weights" in wanted:
-        caps.packed = _packed_linears(model, rules, output_head(inner), caps)
-    for name, present in (
-        ("label_head", caps.head),
-        ("last_layer", caps.last_layer),
-        ("packed_weights", caps.packed),
-    ):
-        if name in wanted and present is None:
-            wanted.discard(name)
+        caps.packed = _packed_linears(model, rules, caps)
+        if caps.packed is None:
+            wanted.discard("packed_weights")
     caps.speedups = frozenset(wanted)
     log.info(
         "%s: speed-ups %s%s",
@@ -314,23 +287,12 @@ def _wanted(caps: Capabilities, speedups: str | Iterable[str]) -> set[str]:
     return set(proven)
 
 
-def _checked_last_layer(model, inner, rules, head, caps: Capabilities):
-    layer = last_layer(inner)
-    if layer is None:
-        caps.notes.append("last_layer: no Llama-layout decoder layer")
-        return None
-    if not agrees(model, rules, "narrowing", lambda ids: narrowing_agrees(model, layer, head, ids)):
-        caps.notes.append("last_layer: changes this model's logits")
-        log.warning("last-position narrowing changes this model's logits; not used")
-        return None
-    return layer
-
-
-def _packed_linears(model, rules, head, caps: Capabilities) -> PackedLinears | None:
+def _packed_linears(model, rules, caps: Capabilities) -> PackedLinears | None:
     if caps.key.device != "cpu" or caps.key.dtype != "float32":
         caps.notes.append("packed_weights: float32 on a CPU only")
         return None
-    packed = PackedLinears.of(model, exclude=[head] if head else [])
+    head = base_model(model).get_output_embeddings()  # the LM head stays plain
+    packed = PackedLinears.of(model, exclude=[head] if head is not None else [])
     if packed is None:
         caps.notes.append("packed_weights: not available (oneDNN ops or memory)")
         return None

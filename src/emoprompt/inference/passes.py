@@ -31,9 +31,7 @@ from tqdm.auto import tqdm
 
 from emoprompt.inference.attention import SharedPrefixLayer, shared_prefix
 from emoprompt.inference.capabilities import Capabilities
-from emoprompt.inference.last_position import head_columns, last_position_only
 from emoprompt.inference.planning import BatchPlanner, Item
-from emoprompt.infra.environment import temporary_environ
 from emoprompt.prompting.render import PromptParts
 
 # A batch attends to its shared prefix once for all rows (emoprompt.inference.attention)
@@ -89,21 +87,14 @@ class ForwardPasses:
         if keep_last and caps.keeps_logits:
             kwargs["logits_to_keep"] = 1
         with contextlib.ExitStack() as stack:
-            if caps.uses("force_gqa") and 2 * input_ids.shape[1] <= mask.shape[-1]:
-                stack.enter_context(temporary_environ(TRANSFORMERS_SDPA_FORCE_GQA="1"))
             if caps.uses("shared_attention") and cache is not None:
                 stack.enter_context(shared_prefix(cache))
             if caps.packed is not None:
                 stack.enter_context(caps.packed.active())
-            if keep_last and caps.last_layer is not None and input_ids.shape[1] > 1:
-                stack.enter_context(last_position_only(caps.last_layer))
-            narrowed_head = columns is not None and caps.head is not None
-            if narrowed_head:
-                stack.enter_context(head_columns(caps.head, columns))
             out = self.model(**kwargs)
         self.stats["forward_passes"] += 1
         logits = out.logits[:, -1] if keep_last else out.logits
-        if columns is not None and not narrowed_head:
+        if columns is not None:
             logits = logits[..., columns]
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
