@@ -372,8 +372,8 @@ def test_cached_build_leaves_nothing_behind_when_interrupted(tmp_path, monkeypat
 def test_dtype_auto_takes_bfloat16_where_the_cpu_has_native_bfloat16_units():
     from emoprompt.models.loading import auto_dtype
 
-    assert auto_dtype("cpu", {"avx2", "avx512_bf16"})[0] == "bfloat16"
-    assert auto_dtype("cpu", {"amx_bf16", "amx_tile"})[0] == "bfloat16"
+    assert auto_dtype("cpu", {"amx_bf16", "amx_tile", "avx512_bf16"})[0] == "bfloat16"
+    assert auto_dtype("cpu", {"avx2", "avx512_bf16"})[0] == "float32"  # no matrix units
     name, why = auto_dtype("cpu", {"avx2", "fma"})
     assert name == "float32" and "without native bfloat16" in why
     assert auto_dtype("mps")[0] == "float32"
