@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emoprompt.evaluation.runner import calibrated
+from emoprompt.evaluation.runner import CONTENT_FREE, calibrated, softmax
 from emoprompt.inference.backend import Backend
 from emoprompt.inference.capabilities import SPEEDUPS
 from emoprompt.inference.engine import Engine
@@ -48,7 +48,6 @@ FLOAT32_ATOL = 1e-4
 BFLOAT16_ATOL = 0.05
 WINDOW = 8
 MAX_NEW_TOKENS = 10
-CONTENT_FREE = ("N/A", "", "[MASK]")
 TWEETS = (
     "ok",
     "Tengo miedo",
@@ -179,7 +178,7 @@ def outputs(backend: Backend, tokenizer: Any, prompt_dir: str | Path) -> dict[st
             lambda n=normalize: backend.label_logprobs(prompts, labels, normalize=n),
         )
         logprobs = out[f"{method}_logprobs"]
-        out[method] = logprobs if isinstance(logprobs, Exception) else _softmax(logprobs)
+        out[method] = logprobs if isinstance(logprobs, Exception) else softmax(logprobs)
     attempt("likelihood_calibrated", lambda: _calibrated(backend, tokenizer, prompt_dir, out))
     attempt(
         "greedy", lambda: [g.text for g in backend.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)]
@@ -198,11 +197,6 @@ def _calibrated(backend: Backend, tokenizer: Any, prompt_dir, out) -> np.ndarray
         rows = out["likelihood"][k * half : (k + 1) * half]
         parts.append(calibrated(backend, rows, free, prompt.labels, normalize=False)[0])
     return np.concatenate(parts)
-
-
-def _softmax(values: np.ndarray) -> np.ndarray:
-    shifted = np.exp(values - values.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def compare(engine_out: dict[str, Any], reference_out: dict[str, Any]) -> dict[str, dict]:

@@ -43,12 +43,13 @@ def calibrated(
     """Contextual calibration (Zhao et al., 2021): ``probs`` divided by the prior, the
     mean label probabilities of the ``content_free`` prompts, renormalised; and the prior."""
     logprobs = backend.label_logprobs(list(content_free), labels, normalize=normalize)
-    prior = _softmax(logprobs).mean(axis=0)
+    prior = softmax(logprobs).mean(axis=0)
     out = probs / prior
     return out / out.sum(axis=1, keepdims=True), prior
 
 
-def _softmax(values: np.ndarray) -> np.ndarray:
+def softmax(values: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (log-likelihoods to probabilities over the labels)."""
     shifted = values - values.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
@@ -84,7 +85,7 @@ def _scored(strategy, backend, tokenizer, prompt, train, sample, parts, settings
     if strategy.method == "first_token":
         record["label_first_tokens"] = backend.label_first_tokens(labels, parts[0].text)
         return backend.first_token_probs(parts, labels)
-    probs = _softmax(backend.label_logprobs(parts, labels, normalize=settings.length_normalize))
+    probs = softmax(backend.label_logprobs(parts, labels, normalize=settings.length_normalize))
     if settings.calibrate:
         content_free = [
             content_free_prompt(strategy, prompt, tokenizer, train, sample, text, settings)
