@@ -30,14 +30,14 @@ from emoprompt.bench.tables import (
     speedup_gains,
     targets,
 )
-from emoprompt.data.splits import prepare, read_split
+from emoprompt.data.splits import Prepared, prepare, read_split
 from emoprompt.inference.capabilities import SPEEDUPS
 
 
 @pytest.fixture(scope="module")
 def splits(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-data")
-    prepare(data_dir / "emoeval_data.zip", out / "train.tsv", out / "test.tsv")
+    prepare(data_dir / "emoeval_data.zip", Prepared.in_folder(out))
     return out
 
 

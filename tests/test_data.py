@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from emoprompt.data.splits import (
     CANONICAL_COLUMNS,
     DataError,
+    Prepared,
     SplitFile,
     locate_splits,
     parse_split,
     prepare,
     read_split,
+    split_validation,
     undo_double_quoting,
     write_split,
 )
@@ -133,7 +137,7 @@ def test_zip_member_errors_name_the_archive_and_member(tmp_path: Path):
         zf.writestr("data/train.csv", HEADER + "1,ev,hola,NO,joy\n")
         zf.writestr("data/dev.csv", HEADER + "1,ev,hola,NO,joy,extra\n")
     with pytest.raises(DataError) as info:
-        prepare(archive, tmp_path / "train.tsv", tmp_path / "test.tsv")
+        prepare(archive, Prepared.in_folder(tmp_path))
     assert f"{archive}::data/dev.csv, line 2: expected 5 fields, found 6" in str(info.value)
     assert not (tmp_path / "train.tsv").exists() and not (tmp_path / "test.tsv").exists()
 
@@ -146,13 +150,42 @@ def test_write_and_read_round_trip(tmp_path: Path):
 
 
 def test_real_data_counts_and_sources_agree(data_dir: Path, tmp_path: Path):
-    counts = prepare(
-        data_dir / "emoeval_data.zip", tmp_path / "a_train.tsv", tmp_path / "a_test.tsv"
-    )
-    assert counts == {"train": 5723, "test": 844}
-    prepare(data_dir, tmp_path / "b_train.tsv", tmp_path / "b_test.tsv")
-    for split in ("train", "test"):
-        zipped = (tmp_path / f"a_{split}.tsv").read_bytes()
-        assert zipped == (tmp_path / f"b_{split}.tsv").read_bytes()
-    tweets = read_split(tmp_path / "a_test.tsv")["tweet"]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    counts = prepare(data_dir / "emoeval_data.zip", Prepared.in_folder(tmp_path / "a"))
+    assert counts == {"train": 5723 - 572, "validation": 572, "test": 844}
+    prepare(data_dir, Prepared.in_folder(tmp_path / "b"))
+    for split in ("train", "validation", "test", "split_ids"):
+        suffix = "json" if split == "split_ids" else "tsv"
+        zipped = (tmp_path / "a" / f"{split}.{suffix}").read_bytes()
+        assert zipped == (tmp_path / "b" / f"{split}.{suffix}").read_bytes()
+    tweets = read_split(tmp_path / "a" / "test.tsv")["tweet"]
     assert not tweets.str.contains('""').any()  # the course's extra quoting is gone
+
+
+def test_validation_split_is_seeded_stratified_and_disjoint(data_dir: Path, tmp_path: Path):
+    out = Prepared.in_folder(tmp_path)
+    prepare(data_dir / "emoeval_data.zip", out, validation_size=0.1, seed=0)
+    splits = {name: read_split(getattr(out, name)) for name in ("train", "validation", "test")}
+    ids = {name: set(frame["id"]) for name, frame in splits.items()}
+    assert not ids["train"] & ids["validation"]
+    assert not ids["train"] & ids["test"] and not ids["validation"] & ids["test"]
+    whole = pd.concat([splits["train"], splits["validation"]])
+    assert len(whole) == 5723 and whole["id"].is_unique  # train is split, nothing lost
+    # each class keeps its share of train (largest remainders: within one tweet)
+    shares = whole["label"].value_counts() * 572 / 5723
+    counts = splits["validation"]["label"].value_counts()
+    assert ((counts - shares.reindex(counts.index)).abs() < 1).all()
+    record = json.loads(Path(out.ids).read_text())
+    assert record["validation"] == {"size": 0.1, "seed": 0, "scheme": "stratified"}
+    for name, frame in splits.items():
+        assert record[f"{name}_ids"] == frame["id"].tolist()
+    # the same seed gives the same split; another seed another one; a count works too
+    again, other = tmp_path / "again", tmp_path / "other"
+    again.mkdir(), other.mkdir()
+    prepare(data_dir / "emoeval_data.zip", Prepared.in_folder(again), validation_size=0.1, seed=0)
+    assert (again / "validation.tsv").read_bytes() == Path(out.validation).read_bytes()
+    rest, held = split_validation(whole.reset_index(drop=True), 300, seed=1)
+    assert len(held) == 300 and set(held["id"]) != ids["validation"]
+    assert not set(rest["id"]) & set(held["id"])
+    with pytest.raises(ValueError, match="validation size"):
+        split_validation(whole, 0, seed=0)

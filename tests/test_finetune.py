@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import REPO
+from safetensors.torch import load_file
 
 from emoprompt.data.splits import read_split, write_split
 from emoprompt.evaluation.prompts import build_prompts
@@ -36,6 +38,7 @@ from emoprompt.training.checkpoints import checkpoint_steps
 from emoprompt.training.dataset import (
     IGNORE,
     PromptSpec,
+    answer_first_tokens,
     answer_for_class,
     build_examples,
     class_weights,
@@ -44,6 +47,7 @@ from emoprompt.training.dataset import (
     plan_batches,
     select_training_set,
 )
+from emoprompt.training.loop import answer_loss, first_answer_tokens
 from emoprompt.training.settings import FinetuneSettings
 
 FINETUNED_PROMPT = REPO / "prompts" / "finetuned.yaml"
@@ -145,6 +149,39 @@ def test_loss_mask_covers_exactly_the_answer_and_end_token(fmt, llama3_tokenizer
         assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
 
 
+def test_label_loss_is_a_softmax_over_the_answers_first_tokens(tiny_llama, smollm2):
+    model, tokenizer = tiny_llama
+    spec = PromptSpec("plain", load_prompt_file(FINETUNED_PROMPT, "finetuned"))
+    frame = synthetic_split(40, seed=3)
+    answers = {label: label for label in LABELS}
+    examples = build_examples(frame, tokenizer, spec, answers, max_length=96)[:6]
+    first_of = answer_first_tokens(tokenizer, spec, LABELS)
+    candidates = first_answer_tokens(examples, LABELS, first_of)
+    # the candidates are the tokens finetuned_first_token scores
+    parts = render_plain(load_prompt_file(FINETUNED_PROMPT, "finetuned"), frame.tweet[0])
+    engine = Engine(model, tokenizer, progress=False)
+    assert candidates.tolist() == engine.label_first_tokens(LABELS, parts.prefix + parts.suffix)
+    batch = collate(examples, tokenizer.pad_token_id)
+    weights = torch.linspace(0.5, 2.0, len(examples))
+    with torch.no_grad():
+        got = answer_loss(model, batch, weights, candidates)
+        expected = []
+        for e in examples:  # one unpadded forward per tweet, the full logits, then select
+            prompt_len = e.labels.index(next(t for t in e.labels if t != IGNORE))
+            logits = model(input_ids=torch.tensor([e.input_ids[:prompt_len]])).logits[0, -1]
+            target = candidates.tolist().index(e.input_ids[prompt_len])
+            expected.append(torch.nn.functional.cross_entropy(logits[candidates][None],
+                                                              torch.tensor([target])))
+        expected = (torch.stack(expected) * weights).sum() / weights.sum()
+    assert torch.allclose(got, expected, atol=1e-5)
+    wrong = {**first_of, examples[0].answer: first_of[examples[0].answer] + 1}
+    with pytest.raises(ValueError, match=f"tweet {examples[0].id}"):
+        first_answer_tokens(examples, LABELS, wrong)
+    # answers that share their first token cannot be told apart by it
+    with pytest.raises(ValueError, match="same token"):
+        first_answer_tokens([], ["Ira", "Miedo"], {"Ira": 7, "Miedo": 7})
+
+
 @pytest.mark.parametrize("fmt", ["plain", "chat"])
 def test_training_and_evaluation_tokenise_a_prompt_and_its_labels_identically(
     fmt, llama3_tokenizer, smollm2
@@ -213,17 +250,19 @@ def test_batch_plan_is_deterministic_and_covers_each_epoch():
 
 
 # ------------------------------------------------------------------ kill and resume
-def _job(tmp_path: Path, tiny_llama_dir: Path, **settings) -> Path:
+def _job(tmp_path: Path, tiny_llama_dir: Path, out: str = "tiny-ft", **settings) -> Path:
     train = synthetic_split(160)
-    sample = train.iloc[:20]
+    validation, test = train.iloc[:12], train.iloc[12:20]  # as if they overlapped train
     write_split(train, tmp_path / "train.tsv")
-    write_split(sample, tmp_path / "sample.tsv")
+    write_split(validation, tmp_path / "validation.tsv")
+    write_split(test, tmp_path / "test.tsv")
     job = {
         "model_name": "tiny",
         "entry": {"source": "local", "path": str(tiny_llama_dir), "prompt_format": "chat"},
         "location": str(tiny_llama_dir),
         "train_path": str(tmp_path / "train.tsv"),
-        "sample_path": str(tmp_path / "sample.tsv"),
+        "held_out_paths": [str(tmp_path / "validation.tsv"), str(tmp_path / "test.tsv")],
+        "validation_path": str(tmp_path / "validation.tsv"),
         "finetuned_prompt_path": str(FINETUNED_PROMPT),
         "zero_shot_prompt_path": str(ZERO_SHOT_PROMPT),
         "settings": {
@@ -231,12 +270,12 @@ def _job(tmp_path: Path, tiny_llama_dir: Path, **settings) -> Path:
             "class_weights": "sqrt", "checkpoint_steps": 5, "learning_rate": 5e-3,
             **settings,
         },
-        "out_dir": str(tmp_path / "tiny-ft"),
+        "out_dir": str(tmp_path / out),
         "figure_path": str(tmp_path / "figures" / "finetune_loss_tiny.png"),
         "threads": 1,
         "device": "cpu",
     }
-    path = tmp_path / "job.json"
+    path = tmp_path / f"{out}.json"
     path.write_text(json.dumps(job), encoding="utf-8")
     return path
 
@@ -263,7 +302,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_d
     assert done, "no checkpoint appeared"
     assert not (tmp_path / "tiny-ft").exists()  # killed: no adapter, nothing half-written
     resumed_at = done[-1]
-    total = 12 * 140 // 4  # 140 tweets (160 less the 20 of the sample), 12 epochs, batch 4
+    total = 12 * 140 // 4  # 140 tweets (160 less the 20 held out), 12 epochs, batch 4
     assert resumed_at < total
 
     second = _start(job, tmp_path / "second.log")
@@ -277,9 +316,29 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_d
     assert loss["step"].tolist() == list(range(1, total + 1))  # the history survived
     assert not checkpoints.exists()  # cleaned once the adapter is in place
     assert (tmp_path / "figures" / "finetune_loss_tiny.png").stat().st_size > 0
-    sample_ids = set(read_split(tmp_path / "sample.tsv")["id"])
+    held_out = {i for n in ("validation", "test") for i in read_split(tmp_path / f"{n}.tsv")["id"]}
     trained_ids = set((adapter / TRAIN_IDS_FILE).read_text().split())
-    assert len(trained_ids) == 140 and not trained_ids & sample_ids
+    assert len(trained_ids) == 140 and not trained_ids & held_out
+    assert record["held_out_tweets_left_out"] == 20
+    # scored on validation as the evaluation loads it, with its interval
+    validation = record["validation"]
+    assert validation["tweets"] == 12 and validation["strategy"] == "finetuned_first_token"
+    f1 = validation["f1_macro"]
+    assert f1["low"] <= f1["value"] <= f1["high"]
+    scored = pd.read_csv(adapter / "validation_predictions.tsv", sep="\t")
+    assert scored["id"].tolist() == read_split(tmp_path / "validation.tsv")["id"].tolist()
+
+    # the killed-and-resumed adapter is the one an uninterrupted training makes
+    whole = _start(_job(tmp_path, tiny_llama_dir, out="whole-ft"), tmp_path / "whole.log")
+    assert whole.wait(timeout=120) == 0, (tmp_path / "whole.log").read_text()
+    resumed = load_file(str(adapter / "adapter_model.safetensors"))
+    uninterrupted = load_file(str(tmp_path / "whole-ft" / "adapter_model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys() and resumed
+    for name, tensor in resumed.items():
+        assert torch.equal(tensor, uninterrupted[name]), name
+    assert pd.read_csv(tmp_path / "whole-ft" / "loss.tsv", sep="\t")["loss"].tolist() == (
+        loss["loss"].tolist()
+    )
 
     # The adapter loads as a catalogue entry (source: finetuned) and scores.
     entry = {**CPU, "source": "finetuned", "base": "tiny", "adapter": str(adapter)}

@@ -216,6 +216,7 @@ def test_table_rows_follow_the_notebook_then_the_extras() -> None:
         "zero_shot_label_likelihood",
         "few_shot_label_likelihood",
         "finetuned_label_likelihood",
+        "linear_probe",
         "baseline_tfidf",
     ]
     assert table["unparsed %"].tolist() == [25.0] * len(table)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from emoprompt.data.splits import prepare, read_split
+from emoprompt.data.splits import Prepared, prepare, read_split
 from emoprompt.evaluation.predictions import read_predictions, score_columns, write_result
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
@@ -18,14 +18,14 @@ from emoprompt.inference.engine import Engine
 from emoprompt.labels import LABELS
 from emoprompt.prompting.prompt_file import load_prompt_file
 
-CHAT = [n for n, s in STRATEGIES.items() if s.prompt_format == "chat"]
+CHAT = [n for n, s in STRATEGIES.items() if s.prompt_format == "chat" and s.family]
 PLAIN = [n for n, s in STRATEGIES.items() if s.prompt_format == "plain"]
 
 
 @pytest.fixture(scope="module")
 def splits(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("splits")
-    prepare(data_dir / "emoeval_data.zip", out / "train.tsv", out / "test.tsv")
+    prepare(data_dir / "emoeval_data.zip", Prepared.in_folder(out))
     train, test = read_split(out / "train.tsv"), read_split(out / "test.tsv")
     return train, test.iloc[:4].reset_index(drop=True)
 

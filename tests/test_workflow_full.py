@@ -1,5 +1,6 @@
 """The main job end to end on the embedded model (a small sample): every default strategy
-writes its files, and the results table equals scikit-learn on the prediction files."""
+writes its files (the fine-tuned model's and the probe's with small settings), and the
+results table equals scikit-learn on the prediction files."""
 
 from __future__ import annotations
 
@@ -17,6 +18,25 @@ from emoprompt.labels import LABELS
 
 pytestmark = pytest.mark.slow
 
+# The default study with a fine-tune and a probe small enough for a test: a validation
+# split of 70 tweets, 3 training steps, a probe fitted on 70 tweets.
+SMALL = """\
+validation_size: 70
+finetune: {train_size: 48, max_steps: 3, batch_size: 8, max_length: 64}
+probe: {train_size: 70, C: [0.1, 1.0], layers: [10, 20]}
+"""
+DEFAULT_ROWS = [
+    ("smollm2-135m-instruct", "zero_shot_generate"),
+    ("smollm2-135m-instruct", "zero_shot_first_token"),
+    ("smollm2-135m-instruct", "few_shot_generate"),
+    ("smollm2-135m-instruct", "few_shot_first_token"),
+    ("smollm2-135m-instruct-ft", "finetuned_first_token"),
+    ("smollm2-135m-instruct", "zero_shot_label_likelihood"),
+    ("smollm2-135m-instruct", "few_shot_label_likelihood"),
+    ("smollm2-135m-instruct", "linear_probe"),
+    ("baseline", "baseline_tfidf"),
+]
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_dir: Path, smollm2_dir: Path) -> Path:
@@ -24,10 +44,13 @@ def finished_run(tmp_path_factory, data_dir: Path, smollm2_dir: Path) -> Path:
     # The embedded model converted once for the tests stands in for convert_model's output.
     (workflow / "data" / "models").mkdir(parents=True)
     (workflow / "data" / "models" / "smollm2-135m-instruct").symlink_to(smollm2_dir)
+    (workflow / "small.yaml").write_text(SMALL, encoding="utf-8")
     run_snakemake(
         workflow,
         "--resources",
         "gpu=1",
+        "--configfile",
+        "small.yaml",
         "--config",
         f"data_source={data_dir / 'emoeval_data.zip'}",
         "sample_size=6",
@@ -37,28 +60,55 @@ def finished_run(tmp_path_factory, data_dir: Path, smollm2_dir: Path) -> Path:
 
 
 def test_every_default_strategy_wrote_its_files(finished_run: Path):
-    config_strategies = [
-        "zero_shot_generate",
-        "zero_shot_first_token",
-        "few_shot_generate",
-        "few_shot_first_token",
-        "zero_shot_label_likelihood",
-        "few_shot_label_likelihood",
-    ]
-    folder = finished_run / "results" / "predictions" / "smollm2-135m-instruct"
-    for strategy in config_strategies:
-        frame = read_predictions(folder / f"{strategy}.tsv")
+    folder = finished_run / "results" / "predictions"
+    for model, strategy in DEFAULT_ROWS[:-1]:
+        frame = read_predictions(folder / model / f"{strategy}.tsv")
         assert len(frame) == 6
-        meta = json.loads((folder / f"{strategy}.json").read_text())
-        for key in ("model", "device", "dtype", "prompt_sha256", "tweets_per_s", "versions"):
+        meta = json.loads((folder / model / f"{strategy}.json").read_text())
+        keys = ("model", "device", "dtype", "tweets_per_s", "versions")
+        if strategy != "linear_probe":
+            keys += ("prompt_sha256",)
+        for key in keys:
             assert meta.get(key) is not None, (strategy, key)
     assert (finished_run / "results" / "inspect" / "smollm2-135m-instruct.md").is_file()
+
+
+def test_the_table_has_the_notebooks_five_rows_first_then_the_others(finished_run: Path):
+    table = pd.read_csv(finished_run / "results" / "results_table.csv")
+    assert list(zip(table["model"], table["experiment"], strict=True)) == DEFAULT_ROWS
+    # the tuned rows carry their validation score, the others none
+    tuned = table["experiment"].isin(["finetuned_first_token", "linear_probe"])
+    assert table.loc[tuned, "validation F1 macro"].notna().all()
+    assert table.loc[~tuned, "validation F1 macro"].isna().all()
+
+
+def test_the_validation_split_stays_out_of_training_and_shots(finished_run: Path):
+    from emoprompt.data.splits import read_split
+
+    processed = finished_run / "data" / "processed"
+    held_out = set(read_split(processed / "validation.tsv")["id"]) | set(
+        read_split(processed / "test.tsv")["id"]
+    )
+    assert len(read_split(processed / "validation.tsv")) == 70
+    adapter = finished_run / "data" / "models" / "smollm2-135m-instruct-ft"
+    trained = set((adapter / "train_ids.txt").read_text().split())
+    assert len(trained) == 48 and not trained & held_out
+    record = json.loads((adapter / "training_config.json").read_text())
+    assert record["validation"]["tweets"] == 70
+    probe = json.loads((finished_run / "results" / "predictions" / "smollm2-135m-instruct"
+                        / "linear_probe.json").read_text())
+    assert probe["validation"]["tweets"] == 70 and probe["probe"]["train_tweets"] == 70
+    assert len(probe["probe"]["candidates"]) == 4  # two layers x two C, chosen on validation
+    shots = json.loads((finished_run / "results" / "predictions" / "smollm2-135m-instruct"
+                        / "few_shot_first_token.json").read_text())["few_shot"]
+    shot_ids = set(shots.get("ids") or shots.get("shared") or [])
+    assert shot_ids and not shot_ids & held_out
 
 
 def test_results_table_equals_scikit_learn_on_the_predictions(finished_run: Path):
     table = pd.read_csv(finished_run / "results" / "results_table.csv")
     predictions = sorted((finished_run / "results" / "predictions").glob("*/*.tsv"))
-    assert len(table) == len(predictions) == 7
+    assert len(table) == len(predictions) == len(DEFAULT_ROWS)
     for path in predictions:
         model, strategy = path.parent.name, path.stem
         row = table[(table["model"] == model) & (table["experiment"] == strategy)]
@@ -84,7 +134,8 @@ def test_one_mlflow_run_per_model_and_strategy(finished_run: Path):
             "SELECT t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
             "WHERE t.key = 'emoprompt.key' AND r.lifecycle_stage = 'active'"
         ).fetchall()
-    assert len(keys) == 7 and len(set(keys)) == 7
+    runs = len(DEFAULT_ROWS) + 1  # and the adapter's training run
+    assert len(keys) == runs and len(set(keys)) == runs
     # how each model run computed: its backend, model key and speed-ups are parameters
     with sqlite3.connect(finished_run / "results" / "mlflow.db") as db:
         params = dict(
@@ -114,7 +165,8 @@ def test_every_row_has_its_interval_and_every_pair_its_test(finished_run: Path):
     markdown = (finished_run / "results" / "results_table.md").read_text()
     assert "cannot be told apart from chance" in markdown
     comparisons = pd.read_csv(finished_run / "results" / "comparisons.csv")
-    rows = [f"smollm2-135m-instruct/{s}" for s in table["experiment"] if s != "baseline_tfidf"]
+    rows = [f"{m}/{s}" for m, s in zip(table["model"], table["experiment"], strict=True)
+            if s != "baseline_tfidf"]
     pairs = {(a, b) for a, b in zip(comparisons["a"], comparisons["b"], strict=True)}
     for i, a in enumerate(rows):
         for b in rows[i + 1 :]:
@@ -136,6 +188,8 @@ def test_aggregating_again_gives_the_same_intervals_and_no_new_runs(
         "gpu=1",
         "--forcerun",
         "metrics",
+        "--configfile",
+        "small.yaml",
         "--config",
         "sample_size=6",
         "sample_scheme=stratified",

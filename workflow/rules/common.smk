@@ -57,7 +57,9 @@ def local_source():
 def data_outputs():
     return [
         "data/processed/train.tsv",
+        "data/processed/validation.tsv",
         "data/processed/test.tsv",
+        "data/processed/split_ids.json",
         "data/processed/test_sample.tsv",
         "results/data/class_distribution.tsv",
     ]
@@ -161,7 +163,8 @@ def embedded_model_pattern():
 def finetune_inputs(wildcards):
     return {
         "train": "data/processed/train.tsv",
-        "sample": "data/processed/test_sample.tsv",
+        "validation": "data/processed/validation.tsv",
+        "test": "data/processed/test.tsv",
         "finetuned_prompt": PROMPT_FILES["finetuned"],
         "zero_shot_prompt": PROMPT_FILES["zero_shot"],
         "model": model_files(wildcards),
@@ -212,7 +215,9 @@ def prediction_outputs():
 
 
 def inspect_outputs():
-    return [f"results/inspect/{model}.md" for model in config["models"]]
+    """A model's inspection page, for each model that runs a strategy."""
+    studied = {model for model, _ in prediction_pairs()}
+    return [f"results/inspect/{model}.md" for model in config["models"] if model in studied]
 
 
 def model_location(wildcards):
@@ -252,6 +257,23 @@ def predict_inputs(wildcards):
         "sample": "data/processed/test_sample.tsv",
         "prompt": PROMPT_FILES[family],
         "model": model_files(wildcards),
+    }
+
+
+def probe_inputs(wildcards):
+    return {
+        "train": "data/processed/train.tsv",
+        "validation": "data/processed/validation.tsv",
+        "sample": "data/processed/test_sample.tsv",
+        "model": model_files(wildcards),
+    }
+
+
+def probe_settings(wildcards):
+    return {
+        "probe": config["probe"],
+        "engine": config["engine"],
+        "sample_seed": config["sample_seed"],
     }
 
 
@@ -313,6 +335,7 @@ def sample_settings(wildcards):
         "size": config["sample_size"],
         "scheme": config["sample_scheme"],
         "seed": config["sample_seed"],
+        "split": config["evaluation_split"],
     }
 
 

@@ -22,11 +22,16 @@ rule prepare:
         raw_data_path(),
     output:
         train="data/processed/train.tsv",
+        validation="data/processed/validation.tsv",
         test="data/processed/test.tsv",
+        ids="data/processed/split_ids.json",
     log:
         "logs/prepare.log",
     conda:
         "../envs/data.yaml"
+    params:
+        validation_size=config["validation_size"],
+        validation_seed=config["validation_seed"],
     script:
         "../scripts/prepare.py"
 
@@ -34,7 +39,7 @@ rule prepare:
 rule sample:
     input:
         train="data/processed/train.tsv",
-        test="data/processed/test.tsv",
+        test=f"data/processed/{config['evaluation_split']}.tsv",
     output:
         sample="data/processed/test_sample.tsv",
         distribution="results/data/class_distribution.tsv",

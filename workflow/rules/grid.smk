@@ -47,6 +47,20 @@ use rule baseline as baseline_grid with:
         seed=grid_sample_seed,
 
 
+use rule probe as probe_grid with:
+    input:
+        unpack(grid_probe_inputs),
+    output:
+        tsv=grid_path("results/grid", "predictions/{model}/linear_probe.tsv", NO_SHOTS),
+        json=grid_path("results/grid", "predictions/{model}/linear_probe.json", NO_SHOTS),
+    log:
+        grid_path("logs/grid", "predict/{model}/linear_probe.log", NO_SHOTS),
+    benchmark:
+        grid_path("results/benchmarks/grid", "predict/{model}/linear_probe.tsv", NO_SHOTS)
+    params:
+        settings=grid_probe_settings,
+
+
 use rule metrics as metrics_grid with:
     input:
         tsv=grid_path("results/grid", "predictions/{model}/{strategy}.tsv"),

@@ -73,6 +73,14 @@ def grid_predict_settings(wildcards):
     return settings
 
 
+def grid_probe_inputs(wildcards):
+    return {**probe_inputs(wildcards), "sample": GRID_SAMPLE.format(**wildcards)}
+
+
+def grid_probe_settings(wildcards):
+    return {**probe_settings(wildcards), "sample_seed": int(wildcards.sample_seed)}
+
+
 def grid_metrics_outputs():
     return grid_files("metrics", "{model}/{strategy}.json")
 

@@ -21,6 +21,29 @@ rule predict:
         "../scripts/predict.py"
 
 
+rule probe:
+    input:
+        unpack(probe_inputs),
+    output:
+        tsv="results/predictions/{model}/linear_probe.tsv",
+        json="results/predictions/{model}/linear_probe.json",
+    log:
+        "logs/predict/{model}/linear_probe.log",
+    benchmark:
+        "results/benchmarks/predict/{model}/linear_probe.tsv"
+    conda:
+        "../envs/llm.yaml"
+    threads: all_cores()
+    resources:
+        gpu=1,
+    params:
+        location=model_location,
+        entry=model_params,
+        settings=probe_settings,
+    script:
+        "../scripts/probe.py"
+
+
 rule baseline:
     input:
         train="data/processed/train.tsv",

@@ -1,18 +1,28 @@
-"""Snakemake adapter: validate the raw splits and write the canonical train/test TSVs."""
+"""Snakemake adapter: validate the raw splits and write the canonical train, validation
+and test TSVs with the record of their ids."""
 
 import logging
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.data.splits import prepare
+from emoprompt.data.splits import Prepared, prepare
 from emoprompt.infra.logs import setup_logging
 
 
 def main(snakemake) -> None:
     setup_logging(snakemake.log[0])
-    counts = prepare(snakemake.input[0], snakemake.output.train, snakemake.output.test)
+    out = snakemake.output
+    counts = prepare(
+        snakemake.input[0],
+        Prepared(out.train, out.validation, out.test, out.ids),
+        validation_size=snakemake.params.validation_size,
+        seed=snakemake.params.validation_seed,
+    )
     logging.getLogger("prepare").info(
-        "prepared %d train and %d test tweets", counts["train"], counts["test"]
+        "prepared %d train, %d validation and %d test tweets",
+        counts["train"],
+        counts["validation"],
+        counts["test"],
     )
 
 

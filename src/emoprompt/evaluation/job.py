@@ -168,3 +168,60 @@ def run_baseline_job(train_path: str, sample_path: str, seed: int, tsv_out: str,
     write_result(result, tsv_out, json_out)
     log.info("baseline_tfidf: %d tweets", len(result.predictions))
     return result
+
+
+def run_probe_job(
+    *,
+    model_name: str,
+    entry: Mapping[str, Any],
+    location: str,
+    train_path: str,
+    validation_path: str,
+    sample_path: str,
+    settings: Mapping[str, Any],
+    job_threads: int,
+    tsv_out: str,
+    json_out: str,
+    workflow_dir: str | None = None,
+) -> Result:
+    """The ``linear_probe`` job: features of the training, validation and sample tweets,
+    the probe's settings chosen on validation, predictions for the sample."""
+    from emoprompt.evaluation.probe import ProbeSettings, run_probe
+    from emoprompt.models.loading import load_model
+    from emoprompt.training.dataset import select_training_set
+
+    probe = ProbeSettings.from_mapping(settings.get("probe") or {})  # before the model loads
+    threads = configure_cpu((settings.get("engine") or {}).get("threads", "auto"), job_threads)
+    validation, sample = read_split(validation_path), read_split(sample_path)
+    train = select_training_set(
+        read_split(train_path),
+        exclude_ids=[*validation["id"], *sample["id"]],
+        size=probe.train_size,
+        subset=probe.subset,
+        seed=probe.seed,
+    )
+    loaded = load_model(ModelSpec.of(entry), location)
+    log.info(
+        "%s / linear_probe: %d training, %d validation, %d sample tweets, %d threads",
+        model_name,
+        len(train),
+        len(validation),
+        len(sample),
+        threads,
+    )
+    result = run_probe(loaded.model, loaded.tokenizer, train, validation, sample, probe)
+    result.metadata = {
+        "model": model_name,
+        **{k: v for k, v in loaded.info.items() if k != "name"},
+        "threads": threads,
+        **result.metadata,
+        **_provenance(sample_path, settings, workflow_dir),
+    }
+    write_result(result, tsv_out, json_out)
+    log.info(
+        "%s / linear_probe: %s; validation macro F1 %.4f",
+        model_name,
+        result.metadata["description"],
+        result.metadata["validation"]["f1_macro"]["value"],
+    )
+    return result

@@ -127,6 +127,8 @@ def compute_metrics(
         "confusion": matrix.tolist(),
         "seconds": metadata.get("seconds"),
         "tweets_per_s": float(speed) if speed is not None else None,
+        # a tuned run's score on the validation split (the probe's, the adapter's)
+        "validation": metadata.get("validation"),
         **(_intervals(gold, predicted, labels, statistics) if statistics else {}),
     }
 
@@ -173,6 +175,12 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     for name, interval in (metrics.get("intervals") or {}).items():
         flat[f"{ascii_name(name)}_ci_low"] = float(interval["low"])
         flat[f"{ascii_name(name)}_ci_high"] = float(interval["high"])
+    validation = metrics.get("validation") or {}
+    for name in ("f1_macro", "accuracy"):  # a tuned run's score on the validation split
+        if name in validation:
+            for key in ("value", "low", "high"):
+                suffix = "" if key == "value" else f"_ci_{key}"
+                flat[f"validation_{name}{suffix}"] = float(validation[name][key])
     return flat
 
 
@@ -200,3 +208,24 @@ def write_metrics(
         metrics["strategy"] = strategy
     write_json(out, metrics)
     return metrics
+
+
+def validation_summary(
+    gold: Sequence[str],
+    predicted: Sequence[str],
+    statistics: StatisticsSettings | None = None,
+    labels: Sequence[str] = LABELS,
+) -> dict[str, Any]:
+    """A tuned choice's score on the validation split: macro F1 and accuracy, each with
+    its bootstrap interval (the default statistics settings unless given)."""
+    statistics = statistics or StatisticsSettings()
+    intervals = score_intervals(list(gold), list(predicted), statistics, labels)
+    return {
+        "split": "validation",
+        "tweets": len(gold),
+        **{
+            name: {key: round(intervals[name][key], 4) for key in ("value", "low", "high")}
+            for name in ("f1_macro", "accuracy")
+        },
+        "statistics": statistics.record(),
+    }

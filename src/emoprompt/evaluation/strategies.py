@@ -17,12 +17,17 @@ from emoprompt.prompting.prompt_file import prompt_format
 @dataclass(frozen=True)
 class Strategy:
     name: str
-    family: str | None  # prompt family; None for the baseline
-    method: str  # generate | first_token | label_likelihood | tfidf
+    family: str | None  # prompt family; None for the baseline and the probe
+    method: str  # generate | first_token | label_likelihood | tfidf | probe
 
     @property
     def prompt_format(self) -> str | None:
-        """Which kind of model the strategy is for: a chat model, or a plain-prompt one."""
+        """Which kind of model the strategy is for: a chat model, or a plain-prompt one.
+
+        The probe reads the tweet alone, without a prompt; it runs for the catalogue's
+        chat models (not for a fine-tuned entry, whose base it would probe again)."""
+        if self.method == "probe":
+            return "chat"
         if self.family is None:
             return None
         return prompt_format(self.family)
@@ -39,6 +44,7 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("zero_shot_label_likelihood", "zero_shot", "label_likelihood"),
         Strategy("few_shot_label_likelihood", "few_shot", "label_likelihood"),
         Strategy("finetuned_label_likelihood", "finetuned", "label_likelihood"),
+        Strategy("linear_probe", None, "probe"),
         Strategy("baseline_tfidf", None, "tfidf"),
     )
 }

@@ -16,7 +16,7 @@ import csv
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +45,29 @@ def write_adapter(
     history: Sequence[Mapping[str, float]],
     train_ids: Sequence[str],
     title: str,
-) -> None:
+    validate: Callable[[Path], Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Write the whole folder atomically: the peft adapter of ``model``, its record, the
-    loss history and figure, the training ids; refuse an adapter without weights."""
+    loss history and figure, the training ids; refuse an adapter without weights.
+
+    ``validate``, given the finished folder before it takes its place, scores the adapter
+    (on the validation split); its result goes into the record as ``validation``, so an
+    adapter never appears without its score. Returns the record as written."""
     from safetensors.torch import load_file
 
+    record = dict(record)
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)
-        write_json(tmp / TRAINING_CONFIG, dict(record))
+        write_json(tmp / TRAINING_CONFIG, record)
         pd.DataFrame(history).to_csv(tmp / LOSS_FILE, sep="\t", index=False, lineterminator="\n")
         (tmp / TRAIN_IDS_FILE).write_text("\n".join(train_ids) + "\n", encoding="utf-8")
         plot_loss(history, tmp / LOSS_FIGURE, title)
         if not load_file(str(tmp / WEIGHTS)):
             raise RuntimeError("the saved adapter holds no weights")
+        if validate is not None:
+            record["validation"] = dict(validate(tmp))
+            write_json(tmp / TRAINING_CONFIG, record)
+    return record
 
 
 def copy_loss_figure(adapter_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:

@@ -33,6 +33,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "F1 weighted",
     "unparsed %",
     "tweets/s",
+    "validation F1 macro",
 )
 # Each run's bootstrap interval, where its metrics have one: extra CSV columns, and in
 # Markdown beside the score as "0.253 [0.180, 0.330]".
@@ -50,6 +51,7 @@ _MARKDOWN_FORMATS = {
     "F1 weighted": "{:.3f}",
     "unparsed %": "{:.1f}",
     "tweets/s": "{:.2f}",
+    "validation F1 macro": "{:.3f}",
 }
 
 
@@ -85,6 +87,7 @@ def results_table(
                 "F1 weighted": m["f1_weighted"],
                 "unparsed %": 100.0 * m["unparsed_rate"],
                 "tweets/s": float(speed) if speed is not None else math.nan,
+                **_validation_cells(m.get("validation")),
                 **_interval_cells(m),
             }
         )
@@ -94,7 +97,20 @@ def results_table(
 
 
 def _interval_names() -> list[str]:
-    return [f"{column} {end}" for column in INTERVAL_COLUMNS for end in ("low", "high")]
+    columns = [*INTERVAL_COLUMNS, "validation F1 macro"]
+    return [f"{column} {end}" for column in columns for end in ("low", "high")]
+
+
+def _validation_cells(validation: Mapping[str, Any] | None) -> dict[str, float]:
+    """A tuned run's validation macro F1 and its interval (blank for the others)."""
+    if not validation:
+        return {"validation F1 macro": math.nan}
+    f1 = validation["f1_macro"]
+    return {
+        "validation F1 macro": f1["value"],
+        "validation F1 macro low": f1["low"],
+        "validation F1 macro high": f1["high"],
+    }
 
 
 def _interval_cells(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -285,6 +285,12 @@ def track_training(
             "steps": record.get("steps"),
             "train_tweets": record.get("train_tweets"),
         }
+        validation = record.get("validation") or {}
+        for name in ("f1_macro", "accuracy"):  # the adapter's score on the validation split
+            if name in validation:
+                summary[f"validation_{name}"] = validation[name]["value"]
+                summary[f"validation_{name}_ci_low"] = validation[name]["low"]
+                summary[f"validation_{name}_ci_high"] = validation[name]["high"]
         history += [Metric(k, float(v), now, 0) for k, v in summary.items() if v is not None]
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()], tags=[])
         for start in range(0, len(history), 900):  # MLflow takes at most 1000 per batch

@@ -89,8 +89,11 @@ def redact_uri(uri: str) -> str:
 
 def sample_label(sample: Mapping[str, Any]) -> str:
     """The evaluation sample's settings in a key: ``sample=100,random,seed=0``; a grid's
-    few-shot run adds its few-shot seed: ``sample=100,random,seed=0,fewshot_seed=1``."""
-    label = f"sample={sample['size']},{sample['scheme']},seed={sample['seed']}"
+    few-shot run adds its few-shot seed: ``sample=100,random,seed=0,fewshot_seed=1``; a
+    sample of the validation split says so: ``sample=validation:100,random,seed=0``."""
+    split = sample.get("split", "test")
+    where = "" if split == "test" else f"{split}:"
+    label = f"sample={where}{sample['size']},{sample['scheme']},seed={sample['seed']}"
     if sample.get("fewshot_seed") is not None:
         label += f",fewshot_seed={sample['fewshot_seed']}"
     return label
@@ -138,6 +141,7 @@ def run_params(
         "sample_size": sample["size"],
         "sample_scheme": sample["scheme"],
         "sample_seed": sample["seed"],
+        "sample_split": sample.get("split", "test"),
         "fallback_label": metadata.get("fallback_label"),
         "batch_size": metadata.get("batch_size"),
         "git_commit": commit,

@@ -2,7 +2,7 @@
 
 * :func:`label_scheme` / :func:`select_training_set` - which tweets train and with which
   answer: the whole split or a seeded subset (stratified, or class-balanced), never a
-  tweet of the evaluation sample;
+  tweet of the validation or test split;
 * :func:`build_examples` - each tweet as ``prompt + answer + end token`` with a loss mask
   that covers the answer and the end token only. The prompt is the one the evaluation
   strategies write (the plain ``### Texto:`` template, or the model's chat template with
@@ -103,14 +103,14 @@ def select_training_set(
     subset: str = "stratified",
     seed: int = 0,
 ) -> pd.DataFrame:
-    """The training tweets: never an id of ``exclude_ids`` (the evaluation sample), only
+    """The training tweets: never an id of ``exclude_ids`` (the held-out splits), only
     classes that have an answer; all of them, or a seeded subset of ``size`` (stratified
     by class, or class-balanced). Rows keep the split's order."""
     excluded = set(map(str, exclude_ids))
     keep = ~train["id"].astype(str).isin(excluded) & train["label"].isin(list(classes))
     dropped_test = int(train["id"].astype(str).isin(excluded).sum())
     if dropped_test:
-        log.warning("%d training tweets are in the evaluation sample: left out", dropped_test)
+        log.warning("%d training tweets are in a held-out split: left out", dropped_test)
     pool = train[keep]
     if size == "all" or int(size) >= len(pool):
         return pool.reset_index(drop=True)
@@ -211,6 +211,13 @@ def build_example(
     input_ids = prompt_ids + answer_ids
     labels = [IGNORE] * len(prompt_ids) + answer_ids
     return Example(str(tweet_id), label, answer, input_ids, labels, truncated)
+
+
+def answer_first_tokens(tokenizer: Any, spec: PromptSpec, answers: Sequence[str]) -> dict[str, int]:
+    """Answer -> the first token that evaluation scores it by after a prompt of ``spec``
+    (the engine's rule; raises if two answers share it)."""
+    firsts = TokenizerRules(tokenizer).label_first_tokens(answers, spec.text(tokenizer, "x"))
+    return dict(zip(answers, firsts, strict=True))
 
 
 def build_examples(

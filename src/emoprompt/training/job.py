@@ -4,7 +4,7 @@
 
 1. the settings (:mod:`~emoprompt.training.settings`) and the training tweets, their
    answers and loss weights (:mod:`~emoprompt.training.dataset`), never a tweet of the
-   evaluation sample;
+   validation or test split;
 2. the base model (:mod:`emoprompt.models.loading`), the examples tokenised as the
    engine tokenises them, the batch plan, and the run's fingerprint;
 3. the LoRA adapter (:mod:`~emoprompt.training.lora`), optimizer and schedule, resumed
@@ -28,6 +28,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from emoprompt.prompting.prompt_file import load_prompt_file
 from emoprompt.training.checkpoints import TrainingState, digest
 from emoprompt.training.dataset import (
     PromptSpec,
+    answer_first_tokens,
     answer_for_class,
     build_examples,
     class_weights,
@@ -53,11 +55,13 @@ from emoprompt.training.dataset import (
     plan_batches,
     select_training_set,
 )
-from emoprompt.training.loop import Optimisation, Plan, run_steps
+from emoprompt.training.loop import Optimisation, Plan, first_answer_tokens, run_steps
 from emoprompt.training.lora import lora_model
 from emoprompt.training.settings import FinetuneSettings
 
 log = logging.getLogger(__name__)
+
+VALIDATION_PREDICTIONS = "validation_predictions.tsv"
 
 
 @dataclass
@@ -68,7 +72,7 @@ class TrainingJob:
     entry: Mapping[str, Any]  # the base model's catalogue entry
     location: str  # folder or hub id of the base model
     train_path: str
-    sample_path: str  # the evaluation sample: its ids never train
+    held_out_paths: Sequence[str]  # the validation and test splits: their ids never train
     finetuned_prompt_path: str
     zero_shot_prompt_path: str
     settings: Mapping[str, Any]
@@ -77,6 +81,7 @@ class TrainingJob:
     figure_path: str | None = None
     threads: int | None = None
     device: str | None = None
+    validation_path: str | None = None  # scored with the finished adapter (first token)
 
 
 @dataclass
@@ -90,7 +95,7 @@ class TrainingData:
     chosen: pd.DataFrame  # the training tweets
     counts: dict[str, int]  # per class
     weights_of: dict[str, float]  # loss weight per class
-    excluded: int  # tweets of the evaluation sample, never trained on
+    excluded: int  # held-out tweets (validation, test) found in train and left out
 
 
 def prepare_data(job: TrainingJob, settings: FinetuneSettings) -> TrainingData:
@@ -102,10 +107,11 @@ def prepare_data(job: TrainingJob, settings: FinetuneSettings) -> TrainingData:
     else:
         zero_shot = load_prompt_file(job.zero_shot_prompt_path, "zero_shot")
         spec = PromptSpec("chat", zero_shot, ModelSpec.of(job.entry).chat_template_kwargs)
-    train_frame, sample = read_split(job.train_path), read_split(job.sample_path)
+    train_frame = read_split(job.train_path)
+    held_out = {i for path in job.held_out_paths for i in read_split(path)["id"]}
     chosen = select_training_set(
         train_frame,
-        exclude_ids=sample["id"].tolist(),
+        exclude_ids=sorted(held_out),
         classes=list(answers),
         size=settings.train_size,
         subset=settings.subset,
@@ -125,7 +131,14 @@ def prepare_data(job: TrainingJob, settings: FinetuneSettings) -> TrainingData:
         {c: round(w, 3) for c, w in weights_of.items()},
     )
     return TrainingData(
-        spec, labels, dict(label_map), answers, chosen, counts, weights_of, len(sample)
+        spec,
+        labels,
+        dict(label_map),
+        answers,
+        chosen,
+        counts,
+        weights_of,
+        int(train_frame["id"].isin(held_out).sum()),
     )
 
 
@@ -205,6 +218,10 @@ def train(job: TrainingJob) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
     model = lora_model(loaded.model, settings, quantized=quantization == "nf4")
     opt = Optimisation.of(model, settings, plan.total_steps, quantization)
+    if settings.loss == "labels":
+        answers = list(data.answers.values())
+        first_of = answer_first_tokens(loaded.tokenizer, data.spec, answers)
+        opt.candidates = first_answer_tokens(plan.examples, answers, first_of)
     log.info(
         "LoRA r=%d alpha=%d on %s: %d trainable parameters; %d steps of %d x %d tweets "
         "on %s (quantization %s)",
@@ -233,13 +250,15 @@ def train(job: TrainingJob) -> dict[str, Any]:
     )
     record = training_record(job, settings, data, plan, opt, state, quantization, started)
     record["end_token"] = end_token
-    write_adapter(
+    record = write_adapter(
         out_dir,
         model,
         record,
         state.history,
         data.chosen["id"].tolist(),
         f"LoRA fine-tuning of {job.model_name}",
+        # the finished folder is scored on validation as the evaluation will load it
+        validate=partial(validate_adapter, job, settings) if job.validation_path else None,
     )
     if job.figure_path:
         copy_loss_figure(out_dir, job.figure_path)
@@ -252,6 +271,50 @@ def train(job: TrainingJob) -> dict[str, Any]:
         record["final_loss"],
     )
     return record
+
+
+def validate_adapter(job: TrainingJob, settings: FinetuneSettings, folder: Path) -> dict[str, Any]:
+    """Score the adapter in ``folder`` on the validation split with the strategy that
+    evaluates it (``finetuned_first_token``, or ``zero_shot_first_token`` for the chat
+    format), loaded as a ``source: finetuned`` catalogue entry is; the predictions stay
+    in the folder beside the score."""
+    from emoprompt.evaluation.job import run_prediction
+    from emoprompt.evaluation.metrics import validation_summary
+
+    chat = settings.prompt_format == "chat"
+    entry = {
+        **job.entry,
+        "source": "finetuned",
+        "base": job.model_name,
+        "prompt_format": "chat" if chat else "plain",
+        "adapter": str(folder),
+    }
+    strategy = "zero_shot_first_token" if chat else "finetuned_first_token"
+    result = run_prediction(
+        model_name=f"{job.model_name}-ft",
+        entry=entry,
+        location=job.location,
+        strategy_name=strategy,
+        prompt_path=job.zero_shot_prompt_path if chat else job.finetuned_prompt_path,
+        train_path=job.train_path,
+        sample_path=job.validation_path,
+        settings={"engine": {"threads": job.threads or "auto"}},
+        job_threads=job.threads or 1,
+        tsv_out=str(folder / VALIDATION_PREDICTIONS),
+        json_out=str(folder / VALIDATION_PREDICTIONS.replace(".tsv", ".json")),
+    )
+    frame = result.predictions
+    summary = {"strategy": strategy, **validation_summary(frame["gold"], frame["predicted"])}
+    log.info(
+        "validation (%d tweets, %s): macro F1 %.4f [%.4f, %.4f], accuracy %.4f",
+        summary["tweets"],
+        strategy,
+        summary["f1_macro"]["value"],
+        summary["f1_macro"]["low"],
+        summary["f1_macro"]["high"],
+        summary["accuracy"]["value"],
+    )
+    return summary
 
 
 def training_record(
@@ -282,7 +345,8 @@ def training_record(
         "train_ids_sha256": hashlib.sha256("\n".join(data.chosen["id"]).encode()).hexdigest(),
         "class_counts": data.counts,
         "class_weights": data.weights_of,
-        "excluded_sample_tweets": data.excluded,
+        "held_out_files": list(job.held_out_paths),
+        "held_out_tweets_left_out": data.excluded,
         "truncated_tweets": int(sum(e.truncated for e in plan.examples)),
         "steps": step,
         "examples_seen": min(len(plan.batches), step * settings.gradient_accumulation)
@@ -297,6 +361,7 @@ def training_record(
         ),
         "device": str(opt.device),
         "quantization": quantization,
+        "autocast": "bfloat16" if opt.autocast else "none",
         "trainable_parameters": sum(p.numel() for p in opt.trainable),
         "fingerprint": state.fingerprint,
         "versions": library_versions(extra=("peft",)),

@@ -24,16 +24,28 @@ PROGRESS_SECONDS = 60  # a progress line in the log this often
 
 
 def answer_loss(
-    model: Any, batch: Mapping[str, torch.Tensor], weights: torch.Tensor | None = None
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    weights: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens (each weighted by its tweet's weight).
 
     The output layer runs only at the positions that predict an answer token
     (``logits_to_keep`` with a boolean mask), which saves most of a step's cost.
+
+    With ``candidates`` (the first token of each answer label, in class order) the loss
+    is a classifier's over the answers: at the position that predicts the answer's
+    first token, a softmax over the candidates' logits only, which is exactly the
+    choice ``finetuned_first_token`` makes when it evaluates the adapter.
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != IGNORE  # position t predicts token t+1
+    if candidates is not None:  # only the first answer token of each row
+        first = predicts.int().argmax(dim=1)
+        predicts = torch.zeros_like(predicts)
+        predicts[torch.arange(len(first)), first] = True
     targets = labels[:, 1:][predicts[:, :-1]]
     try:
         logits = model(
@@ -42,11 +54,35 @@ def answer_loss(
     except TypeError:  # a model without logits_to_keep: all positions, then select
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[predicts]
     logits = logits.reshape(-1, logits.shape[-1]).float()
+    if candidates is not None:
+        logits = logits[:, candidates]
+        targets = (targets[:, None] == candidates[None, :]).int().argmax(dim=1)
     losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     if weights is None:
         return losses.mean()
+    if candidates is not None:
+        return (losses * weights).sum() / weights.sum()
     token_weights = weights[:, None].expand_as(labels)[:, 1:][predicts[:, :-1]]
     return (losses * token_weights).sum() / token_weights.sum()
+
+
+def first_answer_tokens(
+    examples: Sequence[Example], answers: Sequence[str], first_of: Mapping[str, int]
+) -> torch.Tensor:
+    """The first token of each answer label (in ``answers`` order) as the evaluation
+    scores it (``first_of``: answer -> token, from the tokenizer's rules), checked against
+    every training example; the answers must start with distinct tokens."""
+    for e in examples:
+        token = next(t for t in e.labels if t != IGNORE)
+        if first_of[e.answer] != token:
+            raise ValueError(
+                f"tweet {e.id}: its answer {e.answer!r} starts with token {token}, "
+                f"not {first_of[e.answer]} as the evaluation scores it"
+            )
+    ids = [first_of[a] for a in answers]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two answer labels start with the same token: use loss 'answer'")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def lr_schedule(total: int, warmup: int):
@@ -68,7 +104,8 @@ class Optimisation:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     device: torch.device
-    autocast: bool  # bfloat16 autocast (on CUDA, unquantized)
+    autocast: bool  # bfloat16 autocast of the forward and backward passes
+    candidates: torch.Tensor | None = None  # loss "labels": the answers' first tokens
 
     @classmethod
     def of(
@@ -81,7 +118,9 @@ class Optimisation:
         )
         warmup = round(settings.warmup_ratio * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(total_steps, warmup))
-        autocast = device.type == "cuda" and quantization == "none"
+        from emoprompt.models.loading import bf16_autocast
+
+        autocast = bf16_autocast(settings.autocast, device.type, quantization)
         return cls(model, trainable, optimizer, scheduler, device, autocast)
 
     def step(
@@ -95,7 +134,12 @@ class Optimisation:
                 k: v.to(self.device) for k, v in collate([examples[i] for i in rows], pad).items()
             }
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = answer_loss(self.model, batch, weights[rows].to(self.device))
+                loss = answer_loss(
+                    self.model,
+                    batch,
+                    weights[rows].to(self.device),
+                    None if self.candidates is None else self.candidates.to(self.device),
+                )
             (loss / len(micro)).backward()
             step_loss += loss.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)

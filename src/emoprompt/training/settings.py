@@ -10,6 +10,8 @@ LABEL_SETS = ("seven", "notebook")
 SUBSETS = ("stratified", "balanced")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 PROMPT_FORMATS = ("plain", "chat")
+LOSSES = ("answer", "labels")
+AUTOCASTS = ("auto", "bfloat16", "none")
 ALL_LINEAR = "all-linear"
 # Settings that say when to checkpoint and how many threads, not what is trained.
 RUN_SETTINGS = ("checkpoint_minutes", "checkpoint_steps", "threads")
@@ -24,6 +26,7 @@ class FinetuneSettings:
     train_size: int | str = "all"
     subset: str = "stratified"
     class_weights: str = "none"
+    loss: str = "answer"  # answer: every answer token; labels: a softmax over the answers
     epochs: float = 1.0
     max_steps: int | None = None
     learning_rate: float = 1e-3
@@ -39,6 +42,7 @@ class FinetuneSettings:
     max_length: int = 96
     seed: int = 0
     quantization: str = "auto"  # auto: nf4 on CUDA with bitsandbytes, else none
+    autocast: str = "auto"  # auto | bfloat16 | none: the matrix products of the steps
     gradient_checkpointing: bool = False
     checkpoint_minutes: float = 2.0
     checkpoint_steps: int | None = None  # also every N steps (tests)
@@ -61,7 +65,9 @@ class FinetuneSettings:
             ("subset", SUBSETS),
             ("class_weights", CLASS_WEIGHTS),
             ("prompt_format", PROMPT_FORMATS),
+            ("loss", LOSSES),
             ("quantization", ("auto", "none", "nf4")),
+            ("autocast", AUTOCASTS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"finetune {name} must be one of {', '.join(allowed)}")
