@@ -32,7 +32,9 @@ model_catalogue:
 UPSTREAM = [  # what the data, model and inspection steps would have written
     "data/raw/provenance.json",
     "data/processed/train.tsv",
+    "data/processed/validation.tsv",
     "data/processed/test.tsv",
+    "data/processed/split_ids.json",
     "data/processed/test_sample.tsv",
     "results/data/class_distribution.tsv",
     "results/inspect/tiny.md",

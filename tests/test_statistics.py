@@ -251,3 +251,16 @@ def test_grid_rows_are_compared_over_the_samples_both_scored():
     assert (row["samples"], row["runs_a"], row["runs_b"]) == (2, 4, 2)
     assert row["better"] == "m/good" and bool(row["significant"])
     assert set(table["b"]) == {"m/poor", FLOOR}
+
+
+def test_a_fine_tuned_model_is_compared_with_the_rows_of_its_base():
+    runs = _runs()
+    runs[2] = Run("m-ft/c", runs[2].predictions)
+    alone = comparison_plan(runs, "baseline/tfidf")
+    assert [(a, b) for a, b, k in alone if k == "same model"] == [("m/a", "m/b")]
+    plan = comparison_plan(runs, "baseline/tfidf", families={"m-ft": "m"})
+    assert [(a, b) for a, b, k in plan if k == "same model"] == [
+        ("m/a", "m/b"),
+        ("m/a", "m-ft/c"),
+        ("m/b", "m-ft/c"),
+    ]

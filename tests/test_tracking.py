@@ -324,3 +324,11 @@ def test_a_run_that_computed_differently_is_not_merged_into_the_first(tracked, t
         [files], experiment="speedups", tracking_uri=uri, sample=SAMPLE, artifact_location=artifacts
     )
     assert second.action == "replaced" and second.run_id != first.run_id
+
+
+def test_a_validation_sample_is_a_run_of_its_own():
+    test_key = run_key("smol", "zero_shot_generate", SAMPLE)
+    assert test_key == "smol/zero_shot_generate/sample=30,random,seed=0"  # as before
+    assert run_key("smol", "zero_shot_generate", {**SAMPLE, "split": "test"}) == test_key
+    validation = run_key("smol", "zero_shot_generate", {**SAMPLE, "split": "validation"})
+    assert validation == "smol/zero_shot_generate/sample=validation:30,random,seed=0"

@@ -11,7 +11,9 @@ from emoprompt.data.splits import read_split
 DATA_OUTPUTS = ["data/processed/test_sample.tsv", "results/data/class_distribution.tsv"]
 PROCESSED = [
     "data/processed/train.tsv",
+    "data/processed/validation.tsv",
     "data/processed/test.tsv",
+    "data/processed/split_ids.json",
     "data/processed/test_sample.tsv",
 ]
 
@@ -21,7 +23,8 @@ def test_zip_and_folder_sources_give_identical_files(workflow_dir: Path, data_di
         workflow_dir, *DATA_OUTPUTS, "--config", f"data_source={data_dir / 'emoeval_data.zip'}"
     )
     from_zip = {name: (workflow_dir / name).read_bytes() for name in PROCESSED}
-    assert len(read_split(workflow_dir / "data/processed/train.tsv")) == 5723
+    assert len(read_split(workflow_dir / "data/processed/train.tsv")) == 5723 - 572
+    assert len(read_split(workflow_dir / "data/processed/validation.tsv")) == 572
     assert len(read_split(workflow_dir / "data/processed/test.tsv")) == 844
     assert len(read_split(workflow_dir / "data/processed/test_sample.tsv")) == 100
     assert "sha256 of" in (workflow_dir / "logs/download.log").read_text()

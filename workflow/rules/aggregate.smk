@@ -60,6 +60,7 @@ rule compare:
     params:
         pairs=tracked_pairs,
         baseline=comparison_baseline,
+        families=model_families,
         statistics=config["statistics"],
     script:
         "../scripts/compare.py"

@@ -148,6 +148,11 @@ for _name, _entry in config["model_catalogue"].items():
             )
 
 
+def model_families(wildcards):
+    """A fine-tuned model counts with its base in the paired comparisons."""
+    return {n: e["base"] for n, e in config["model_catalogue"].items() if is_finetuned(n)}
+
+
 def trainable_model_pattern():
     """Models that can be fine-tuned (catalogue entries that are not fine-tuned ones)."""
     names = [n for n in config["model_catalogue"] if not is_finetuned(n)]

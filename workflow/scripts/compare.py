@@ -19,7 +19,9 @@ def main(snakemake) -> None:
             snakemake.params.pairs, snakemake.input.predictions, strict=True
         )
     ]
-    table = compare_runs(runs, settings, baseline=snakemake.params.baseline)
+    table = compare_runs(
+        runs, settings, baseline=snakemake.params.baseline, families=snakemake.params.families
+    )
     write_comparisons(table, settings, snakemake.output.md, snakemake.output.csv)
     write_significance_figures(
         [read_metadata(path) for path in snakemake.input.metrics],

@@ -10,7 +10,7 @@ called significant when its Holm-corrected bootstrap p-value is at most ``1 - co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,14 +88,25 @@ def aligned(runs: Sequence[Run]) -> tuple[list[str], dict[str, np.ndarray]]:
     return gold, out
 
 
-def comparison_plan(runs: Sequence[Run], baseline: str | None) -> list[tuple[str, str, str]]:
+def comparison_plan(
+    runs: Sequence[Run], baseline: str | None, families: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str]]:
     """(a, b, kind) of every comparison: the pairs of one model's rows, each row against
-    the baseline, each row (the baseline's too) against the floor."""
+    the baseline, each row (the baseline's too) against the floor.
+
+    ``families`` maps a model to the model it counts with (a fine-tuned model to its
+    base), so that the fine-tuned rows are tested against the prompting rows of the
+    model they were trained from."""
+    families = families or {}
     names = [r.name for r in runs]
-    models = list(dict.fromkeys(n.split("/", 1)[0] for n in names))
+
+    def family(name: str) -> str:
+        model = name.split("/", 1)[0]
+        return families.get(model, model)
+
     plan = []
-    for model in models:
-        own = [n for n in names if n.split("/", 1)[0] == model and n != baseline]
+    for model in dict.fromkeys(family(n) for n in names):
+        own = [n for n in names if family(n) == model and n != baseline]
         plan += [(a, b, "same model") for i, a in enumerate(own) for b in own[i + 1 :]]
     rows = [n for n in names if n != baseline]
     if baseline in names:
@@ -105,7 +116,10 @@ def comparison_plan(runs: Sequence[Run], baseline: str | None) -> list[tuple[str
 
 
 def compare_runs(
-    runs: Sequence[Run], settings: StatisticsSettings, baseline: str | None = None
+    runs: Sequence[Run],
+    settings: StatisticsSettings,
+    baseline: str | None = None,
+    families: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Every comparison of :func:`comparison_plan` as one row (see ``COLUMNS``)."""
     if not runs:
@@ -113,7 +127,7 @@ def compare_runs(
     everything = [*runs, floor_run(runs[0])]
     gold, predicted = aligned(everything)
     rows = []
-    for a, b, kind in comparison_plan(runs, baseline):
+    for a, b, kind in comparison_plan(runs, baseline, families):
         diff = paired_difference(gold, predicted[a], predicted[b], settings)
         test = mcnemar_exact(gold, predicted[a], predicted[b])
         rows.append(

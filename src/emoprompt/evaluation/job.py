@@ -107,6 +107,7 @@ def run_prediction(
         "engine_stats": dict(engine.stats),
         **truncation_record(fitted, context),
         **result.metadata,
+        **_adapter_validation(spec, strategy_name),
         **_provenance(sample_path, settings, workflow_dir),
     }
     write_result(result, tsv_out, json_out)
@@ -130,6 +131,16 @@ def _provenance(sample_path: str, settings: Mapping[str, Any], workflow_dir: str
         },
         "git_commit": git_commit(workflow_dir) if workflow_dir else "unknown",
     }
+
+
+def _adapter_validation(spec: ModelSpec, strategy_name: str) -> dict[str, Any]:
+    """A fine-tuned model's validation score, for the strategy it was validated with."""
+    if not spec.adapter:
+        return {}
+    from emoprompt.models.adapter import read_training_config
+
+    validation = read_training_config(spec.adapter).get("validation") or {}
+    return {"validation": validation} if validation.get("strategy") == strategy_name else {}
 
 
 def _job_prompt(strategy, prompt_path: str, settings: Mapping[str, Any], spec: ModelSpec):
