@@ -67,6 +67,18 @@ def train_tfidf_baseline(train: pd.DataFrame, seed: int = 0, c: float = DEFAULT_
     return pipeline
 
 
+def in_label_order(classes, proba: np.ndarray) -> np.ndarray:
+    """A classifier's ``predict_proba`` columns (for its ``classes``) in ``LABELS`` order;
+    a label absent from training gets probability 0."""
+    classes = [str(c) for c in classes]
+    unknown = sorted(set(classes) - set(LABELS))
+    if unknown:
+        raise ValueError(f"the pipeline predicts labels not among the classes: {unknown}")
+    out = np.zeros((len(proba), len(LABELS)))
+    out[:, [LABELS.index(c) for c in classes]] = proba
+    return out
+
+
 def predict_proba_frame(pipeline: Pipeline, test: pd.DataFrame) -> pd.DataFrame:
     """Class probabilities for the tweets of ``test``, one column per label in ``LABELS`` order,
     plus ``predicted`` (the most probable label; ties go to the earlier label).
@@ -75,11 +87,8 @@ def predict_proba_frame(pipeline: Pipeline, test: pd.DataFrame) -> pd.DataFrame:
     training gets probability 0.
     """
     proba = pipeline.predict_proba(test["tweet"].astype(str))
-    classes = [str(c) for c in pipeline.classes_]
-    unknown = sorted(set(classes) - set(LABELS))
-    if unknown:
-        raise ValueError(f"the pipeline predicts labels not among the classes: {unknown}")
-    frame = pd.DataFrame(0.0, index=test.index, columns=list(LABELS))
-    frame.loc[:, classes] = proba
+    frame = pd.DataFrame(
+        in_label_order(pipeline.classes_, proba), index=test.index, columns=list(LABELS)
+    )
     frame["predicted"] = np.asarray(LABELS, dtype=object)[frame[list(LABELS)].to_numpy().argmax(1)]
     return frame

@@ -28,6 +28,7 @@ from sklearn.metrics import f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from emoprompt.evaluation.baseline import in_label_order
 from emoprompt.evaluation.metrics import validation_summary
 from emoprompt.evaluation.predictions import (
     Result,
@@ -119,11 +120,7 @@ def choose(
 
 def probabilities(model: Any, features: np.ndarray) -> np.ndarray:
     """Class probabilities in ``LABELS`` order (a class absent from training: 0)."""
-    proba = model.predict_proba(features)
-    out = np.zeros((len(features), len(LABELS)))
-    for j, label in enumerate(model.classes_):
-        out[:, LABELS.index(str(label))] = proba[:, j]
-    return out
+    return in_label_order(model.classes_, model.predict_proba(features))
 
 
 def run_probe(
