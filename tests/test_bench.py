@@ -30,7 +30,8 @@ from emoprompt.bench.tables import (
     speedup_gains,
     targets,
 )
-from emoprompt.data.splits import Prepared, prepare, read_split
+from emoprompt.data.prepare import Prepared, prepare
+from emoprompt.data.splits import read_split
 from emoprompt.inference.capabilities import SPEEDUPS
 
 

@@ -9,16 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from emoprompt.data.prepare import Prepared, prepare, split_validation
 from emoprompt.data.splits import (
     CANONICAL_COLUMNS,
     DataError,
-    Prepared,
     SplitFile,
     locate_splits,
     parse_split,
-    prepare,
     read_split,
-    split_validation,
     undo_double_quoting,
     write_split,
 )

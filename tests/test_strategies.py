@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from emoprompt.data.splits import Prepared, prepare, read_split
+from emoprompt.data.prepare import Prepared, prepare
+from emoprompt.data.splits import read_split
 from emoprompt.evaluation.predictions import read_predictions, score_columns, write_result
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings

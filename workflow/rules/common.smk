@@ -181,8 +181,10 @@ def finetune_settings(wildcards):
 
 
 def trained_adapters():
-    """Adapter folder of each fine-tuned model in `models` (for the track rule)."""
-    return {m: adapter_folder(m) for m in config["models"] if is_finetuned(m)}
+    """Adapter folder of each fine-tuned model in `models` that runs a strategy (for the
+    track rule): an adapter no strategy evaluates is not trained."""
+    studied = {model for model, _ in prediction_pairs()}
+    return {m: adapter_folder(m) for m in config["models"] if is_finetuned(m) and m in studied}
 
 
 def trained_adapter_list(wildcards):

@@ -5,7 +5,7 @@ import logging
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.data.splits import Prepared, prepare
+from emoprompt.data.prepare import Prepared, prepare
 from emoprompt.infra.logs import setup_logging
 
 
