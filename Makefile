@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: setup run test lint ui bench conformance clean
+.PHONY: setup vllm-setup vllm-serve run test lint ui bench conformance clean
 
 setup: $(STAMP)
 
@@ -28,10 +28,36 @@ endif
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# vLLM's CPU build (or, with TORCH_INDEX, a CUDA one) in an environment of its own: its
+# transformers pin differs from ours, and the workflow talks to it over HTTP. About 3.5 GB;
+# made only when asked for (`make vllm-setup`, `make vllm-serve`, `make test`), kept between runs.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.emoprompt-installed
+vllm-setup: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-vllm.txt \
+	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	touch $(VLLM_STAMP)
+
+# make vllm-serve MODEL=smollm2-135m-instruct: the converted model on http://127.0.0.1:$(VLLM_PORT)/v1
+# (the catalogue entry smollm2-135m-instruct-vllm talks to it). Ctrl-C stops it.
+MODEL ?= smollm2-135m-instruct
+VLLM_PORT ?= 8000
+vllm-serve: setup vllm-setup
+	$(BIN)/snakemake data/models/$(MODEL) --cores $(CORES) --rerun-triggers mtime
+	$(BIN)/python -m emoprompt.inference.serve data/models/$(MODEL) \
+	  --served-model-name $(MODEL) --port $(VLLM_PORT) --vllm-env $(VLLM_VENV)
+
 run: setup
 	$(BIN)/snakemake --cores $(CORES) --resources gpu=1 $(if $(DATA),--config data_source=$(DATA)) $(SNAKEMAKE_ARGS)
 
+# The vLLM tests need vLLM's own environment: made here where it can be (its tests are
+# skipped, with the reason, where it cannot).
 test: setup
+	@$(MAKE) --no-print-directory vllm-setup || echo "vLLM could not be installed here: its tests will be skipped"
 	$(BIN)/python -m pytest
 
 lint: setup
@@ -61,7 +87,7 @@ BENCH_MODEL ?= smollm2-135m-instruct
 bench: setup
 	$(BIN)/snakemake data/processed/train.tsv data/processed/test.tsv data/models/$(BENCH_MODEL) \
 	  --cores $(CORES) $(if $(DATA),--config data_source=$(DATA)) --rerun-triggers mtime
-	$(BIN)/python benchmarks/run.py -- --model $(BENCH_MODEL)
+	$(BIN)/python benchmarks/run.py --model $(BENCH_MODEL) -- --model $(BENCH_MODEL)
 
 # The conformance matrix (about 3 minutes on a 2-core CPU): tiny random models of every
 # architecture the capability table covers, the engine against the plain reference

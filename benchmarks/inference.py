@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from emoprompt.bench.measure import BENCH_TWEETS, METHODS, Case, run_case
+from emoprompt.bench.measure import BACKENDS, BENCH_TWEETS, METHODS, Case, run_case
 from emoprompt.evaluation.job import settings_from_config
 from emoprompt.inference.capabilities import SPEEDUPS
 
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-prefix-cache", action="store_true")
-    parser.add_argument("--backend", default="engine", choices=("engine", "reference"))
+    parser.add_argument("--backend", default="engine", choices=BACKENDS)
+    parser.add_argument("--server", help="vllm cases: the API address of the vllm serve")
     parser.add_argument("--without", choices=SPEEDUPS, help="a speed-up the engine does without")
     parser.add_argument("--dtype", help="load the model in this dtype (default: the catalogue's)")
     parser.add_argument("--tweets", type=int, default=BENCH_TWEETS)
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         settings=settings_from_config(config),
         repeats=args.repeats,
+        server=args.server,
     )
     print(json.dumps(row, ensure_ascii=False))
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from emoprompt.bench.measure import case_args, default_plan, machine_info
 from emoprompt.bench.tables import add_ratios, describe_run, render_markdown, replace_block
+from emoprompt.inference.serve import VllmServer, find_vllm, vllm_command, vllm_environment
 from emoprompt.infra.files import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +37,53 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         handle.write(replace_block(text, f"{header}\n\n{render_markdown(rows, info)}"))
 
 
+class Servers:
+    """One ``vllm serve`` of the model at a time, in the dtype the vLLM cases ask for."""
+
+    def __init__(self, vllm, folder, name, port, logs) -> None:
+        self.vllm, self.folder, self.name, self.port, self.logs = vllm, folder, name, port, logs
+        self.server: VllmServer | None = None
+        self.dtype: str | None = None
+
+    def running(self, dtype: str) -> str:
+        if self.server is None or self.dtype != dtype:
+            self.stop()
+            command = vllm_command(
+                self.vllm,
+                str(self.folder),
+                served_model_name=self.name,
+                port=self.port,
+                dtype=dtype,
+                max_model_len=4096,
+            )
+            env = {**vllm_environment(), "VLLM_SERVER_DEV_MODE": "1"}  # /reset_prefix_cache
+            log = self.logs / f"vllm-serve-{dtype}.log"
+            self.server = VllmServer(command, base_url=self._url(), log_path=log, env=env)
+            self.server.start()
+            self.dtype = dtype
+            print(f"    vllm serve ({dtype}) ready in {self.server.seconds_to_ready:.0f} s")
+        return self._url()
+
+    def _url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the fast paths")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench"))
     parser.add_argument("--doc", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--only", nargs="*", help="run only these methods")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue entry")
+    parser.add_argument("--vllm-port", type=int, default=8765)
+    parser.add_argument(
+        "--backends", nargs="*", help="run only these backends' cases (engine, reference, vllm)"
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -58,12 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     for old in cases_dir.glob("*.json"):  # a run compares only with its own references
         old.unlink()
-    plan = [c for c in default_plan(args.batch_size) if not args.only or c.method in args.only]
+    vllm = find_vllm(ROOT / ".venv-vllm")
+    if vllm is None:
+        print("vLLM is not installed (make vllm-setup): its cases are left out", flush=True)
+    plan = [
+        c
+        for c in default_plan(args.batch_size, vllm=vllm is not None)
+        if (not args.only or c.method in args.only)
+        and (not args.backends or c.backend in args.backends)
+    ]
     rows, failed = [], []
+    servers = Servers(vllm, ROOT / "data" / "models" / args.model, args.model, args.vllm_port, logs)
     for number, case in enumerate(plan, 1):
         print(f"[{number}/{len(plan)}] {case.key}", flush=True)
         start = time.perf_counter()
         command = [sys.executable, str(ROOT / "benchmarks" / "inference.py"), *case_args(case)]
+        if case.backend == "vllm":
+            command += ["--server", servers.running(case.load_dtype or "float32")]
+        else:
+            servers.stop()  # nothing else runs beside a case
         with open(logs / f"{case.key}.log", "w") as log:
             done = subprocess.run(
                 [*command, "--out", str(cases_dir), *args.rest],
@@ -83,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine {:.0f} then {:.0f} GFLOP/s)".format(*row["matmul_gflops"]),
             flush=True,
         )
+    servers.stop()
     add_ratios(rows)
     write_json(out / "inference.json", rows)
 

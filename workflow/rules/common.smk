@@ -148,6 +148,25 @@ for _name, _entry in config["model_catalogue"].items():
             )
 
 
+for _name, _entry in config["model_catalogue"].items():
+    if _entry["source"] == "openai":
+        _missing = [k for k in ("base_url", "served_model", "tokenizer") if not _entry.get(k)]
+        if _missing:
+            raise WorkflowError(
+                f"model_catalogue: {_name} is served (source: openai) and needs "
+                + ", ".join(_missing)
+            )
+        _tok = _entry["tokenizer"]
+        if _tok not in config["model_catalogue"] or model_entry(_tok)["source"] in (
+            "openai",
+            "finetuned",
+        ):
+            raise WorkflowError(
+                f"model_catalogue: {_name}: tokenizer {_tok!r} must be a catalogue entry "
+                "that loads in process (embedded, local or hub): the model the server serves"
+            )
+
+
 def model_families(wildcards):
     """A fine-tuned model counts with its base in the paired comparisons."""
     return {n: e["base"] for n, e in config["model_catalogue"].items() if is_finetuned(n)}
@@ -207,7 +226,8 @@ def prediction_pairs():
     pairs = []
     for model in config["models"]:
         fmt = model_entry(model)["prompt_format"]
-        pairs += [(model, s) for s in strategies_for(fmt, config["strategies"])]
+        served = model_entry(model)["source"] == "openai"
+        pairs += [(model, s) for s in strategies_for(fmt, config["strategies"], served=served)]
     if "baseline_tfidf" in config["strategies"]:
         pairs.append((BASELINE_MODEL, "baseline_tfidf"))
     return pairs
@@ -222,9 +242,14 @@ def prediction_outputs():
 
 
 def inspect_outputs():
-    """A model's inspection page, for each model that runs a strategy."""
+    """A model's inspection page, for each model that runs a strategy in process (a
+    served model's insides are on its server)."""
     studied = {model for model, _ in prediction_pairs()}
-    return [f"results/inspect/{model}.md" for model in config["models"] if model in studied]
+    return [
+        f"results/inspect/{model}.md"
+        for model in config["models"]
+        if model in studied and model_entry(model)["source"] != "openai"
+    ]
 
 
 def model_location(wildcards):
@@ -237,6 +262,8 @@ def location_of(name):
     entry = model_entry(name)
     if entry["source"] == "finetuned":
         return location_of(entry["base"])
+    if entry["source"] == "openai":  # the tokenizer's: the model itself is on the server
+        return location_of(entry["tokenizer"])
     if entry["source"] == "embedded":
         return f"data/models/{name}"
     if entry["source"] == "local":
@@ -254,6 +281,8 @@ def files_of(name):
     entry = model_entry(name)
     if entry["source"] == "finetuned":
         return [*files_of(entry["base"]), adapter_folder(name)]
+    if entry["source"] == "openai":  # and a LoRA adapter the server serves, if named
+        return [*files_of(entry["tokenizer"]), *([entry["adapter"]] if "adapter" in entry else [])]
     return [] if entry["source"] == "hub" else [location_of(name)]
 
 
@@ -293,7 +322,15 @@ def predict_settings(wildcards):
         "fallback_label": config["fallback_label"],
         "engine": config["engine"],
         "sample_seed": config["sample_seed"],
+        **served_settings(wildcards.model),
     }
+
+
+def served_settings(name):
+    """A served model's request cache (only theirs: other jobs' params stay as they were)."""
+    if model_entry(name)["source"] != "openai":
+        return {}
+    return {"request_cache": config["request_cache"]}
 
 
 def gguf_source(wildcards):

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from emoprompt.bench.served import reset_server_cache, served_backend
 from emoprompt.evaluation.predictions import score_columns
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
@@ -55,6 +56,9 @@ WARMUP_TWEETS = 4  # fed untimed before a case's timed passes
 METHODS = (NOTEBOOK, *(n for n, s in STRATEGIES.items() if s.family in ("zero_shot", "few_shot")))
 
 
+BACKENDS = ("engine", "reference", "vllm")
+
+
 class BenchError(ValueError):
     """A benchmark case that cannot run as asked."""
 
@@ -65,7 +69,7 @@ class Case:
     shots: int = 0
     batch_size: int = 16
     prefix_cache: bool = True
-    backend: str = "engine"  # or "reference"
+    backend: str = "engine"  # or "reference", or "vllm" (a vllm serve the runner started)
     without: str | None = None  # a speed-up the engine does without
     load_dtype: str | None = None  # None: the catalogue entry's
 
@@ -81,8 +85,10 @@ class Case:
             )
         if self.batch_size < 1:
             raise BenchError(f"batch_size must be at least 1, not {self.batch_size}")
-        if self.backend not in ("engine", "reference"):
-            raise BenchError(f"unknown backend {self.backend!r}; expected engine or reference")
+        if self.backend not in BACKENDS:
+            raise BenchError(
+                f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}"
+            )
         if self.without is not None and self.without not in SPEEDUPS:
             raise BenchError(f"unknown speed-up {self.without!r}; known: {', '.join(SPEEDUPS)}")
         unbatched = self.batch_size == 1 and not self.prefix_cache
@@ -104,8 +110,9 @@ class Case:
 
     @property
     def expects_equal(self) -> bool:
-        """Whether the predictions must equal the reference's (another dtype may differ)."""
-        return not self.is_reference and self.load_dtype is None
+        """Whether the predictions must equal the reference's (another dtype, or another
+        engine's kernels, may differ)."""
+        return not self.is_reference and self.load_dtype is None and self.backend != "vllm"
 
     @property
     def key(self) -> str:
@@ -185,10 +192,14 @@ def _notebook_way(model, tokenizer, prompt: PromptFile, sample: pd.DataFrame, se
 def _run_once(case, model, tokenizer, prompt, train, sample, settings) -> tuple[pd.DataFrame, dict]:
     if case.method == NOTEBOOK:
         return _notebook_way(model, tokenizer, prompt, sample, settings), {}
+    from emoprompt.inference.backend import new_stats
     from emoprompt.inference.engine import Engine
     from emoprompt.inference.reference import ReferenceBackend
 
-    if case.backend == "reference":
+    if case.backend == "vllm":  # ``model`` is the server's backend (see run_case)
+        backend = model
+        backend.stats = new_stats()
+    elif case.backend == "reference":
         backend = ReferenceBackend(model, tokenizer, progress=True)
     else:
         disable = [] if case.prefix_cache else ["prefix_reuse"]
@@ -232,6 +243,8 @@ def measure(
         _run_once(case, model, tokenizer, prompt, train, sample.iloc[:warmup], settings)
     passes = []
     for _ in range(repeats or default_repeats(case)):
+        if case.backend == "vllm":  # each pass computes its prompts anew
+            reset_server_cache(model)
         start = time.perf_counter()
         predictions, stats = _run_once(case, model, tokenizer, prompt, train, sample, settings)
         passes.append(time.perf_counter() - start)
@@ -331,13 +344,31 @@ def matmul_gflops(seconds: float = 0.5) -> float:
             return round(count * 2 * rows * inner * cols / elapsed / 1e9, 1)
 
 
-def default_plan(batch_size: int = 16) -> list[Case]:
+def vllm_plan(batch_size: int = 16) -> list[Case]:
+    """The methods through a vLLM server (``batch_size`` requests in flight), float32
+    and bfloat16, each compared with the plain reference's predictions."""
+    methods = [
+        ("zero_shot_first_token", 0),
+        ("few_shot_first_token", 10),
+        ("zero_shot_generate", 0),
+        ("few_shot_generate", 10),
+        ("zero_shot_label_likelihood", 0),
+    ]
+    cases = [Case(m, k, batch_size, backend="vllm") for m, k in methods]
+    cases += [
+        Case(m, 0, batch_size, backend="vllm", load_dtype="bfloat16")
+        for m in ("zero_shot_first_token", "zero_shot_generate")
+    ]
+    return cases
+
+
+def default_plan(batch_size: int = 16, vllm: bool = False) -> list[Case]:
     """Every measurement of ``make bench``, references first (later cases compare with them).
 
     The plain reference backend's run of each (method, shots) but the 20-shot one; the
     notebook's way; every fast path at ``batch_size``; each
     speed-up's strategy without it (:data:`SERVES`; for ``prefix_reuse`` also zero-shot);
-    and the zero-shot methods in bfloat16.
+    the zero-shot methods in bfloat16; and with ``vllm``, :func:`vllm_plan`.
     """
     fast = [
         Case("zero_shot_first_token", 0),
@@ -362,7 +393,8 @@ def default_plan(batch_size: int = 16) -> list[Case]:
         Case("zero_shot_first_token", 0, batch_size, load_dtype="bfloat16"),
         Case("zero_shot_generate", 0, batch_size, load_dtype="bfloat16"),
     ]
-    return [*references, Case.notebook(), *fast, *without, *dtypes]
+    served = vllm_plan(batch_size) if vllm else []
+    return [*references, Case.notebook(), *fast, *without, *dtypes, *served]
 
 
 def write_predictions(path: str | os.PathLike[str], predictions: pd.DataFrame) -> None:
@@ -385,8 +417,10 @@ def run_case(
     threads: int | str = "auto",
     settings: Settings | None = None,
     repeats: int | None = None,
+    server: str | None = None,
 ) -> dict[str, Any]:
-    """Load the model, measure ``case`` and write ``<out_dir>/<key>.json`` (its row) and
+    """Load the model (or, for a vLLM case, its tokenizer and the ``server`` serving it),
+    measure ``case`` and write ``<out_dir>/<key>.json`` (its row) and
     ``<key>.predictions.json``; compare with the reference's predictions when written."""
     from emoprompt.data.splits import read_split
     from emoprompt.infra.runtime import configure_cpu
@@ -395,18 +429,23 @@ def run_case(
     # The notebook's way runs as a plain script would: default allocator settings.
     count = configure_cpu(threads, os.cpu_count() or 1, keep_memory=case.method != NOTEBOOK)
     entry = {**entry, **({"dtype": case.load_dtype} if case.load_dtype else {})}
-    loaded = load_model(dict(entry), str(model_dir), device="cpu")
+    if case.backend == "vllm":
+        model, tokenizer, dtype = served_backend(entry, model_dir, server, case.batch_size)
+    else:
+        loaded = load_model(dict(entry), str(model_dir), device="cpu")
+        model, tokenizer = loaded.model, loaded.tokenizer
+        dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     train = read_split(Path(data_dir) / "train.tsv")
     sample = bench_sample(read_split(Path(data_dir) / "test.tsv"), tweets)
     log.info("%s: %d tweets, %d threads", case.key, len(sample), count)
     before = matmul_gflops()
     row, predictions = measure(
-        case, loaded.model, loaded.tokenizer, prompt_dir, train, sample, settings, repeats=repeats
+        case, model, tokenizer, prompt_dir, train, sample, settings, repeats=repeats
     )
     row.update(
         matmul_gflops=[before, matmul_gflops()],
         threads=count,
-        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        dtype=dtype,
         model=entry.get("name") or Path(model_dir).name,
         date=datetime.date.today().isoformat(),
     )

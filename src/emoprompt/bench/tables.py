@@ -146,6 +146,7 @@ def render_markdown(rows: list[dict[str, Any]], info: Mapping[str, Any]) -> str:
             "### Goals\n\n" + "\n".join(goals),
             "### What each speed-up buys\n\n" + "\n".join(speedup_table(rows, batch)),
             "### dtype\n\n" + "\n".join(dtype_table(rows, batch)),
+            "### vLLM\n\n" + "\n".join(vllm_table(rows)),
             "### Cost against the number of shots (first token, batch "
             f"{batch})\n\n" + "\n".join(scaling),
         ]
@@ -156,6 +157,8 @@ def _name(r: Mapping[str, Any]) -> str:
     name = r["method"]
     if r.get("backend") == "reference":
         name += " (reference backend)"
+    if r.get("backend") == "vllm":
+        name += " (vLLM server)"
     if r.get("without"):
         name += f", without {r['without']}"
     if r.get("load_dtype"):
@@ -212,13 +215,42 @@ def dtype_table(rows: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
         "|---|---|---:|---:|---|",
     ]
     for r in rows:
-        if not r.get("load_dtype"):
+        if not r.get("load_dtype") or r.get("backend") != "engine":
             continue
         base = _find(rows, r["method"], r["shots"], batch)
         ratio = f"{r['tweets_per_s'] / base['tweets_per_s']:.2f}x" if base else ""
         lines.append(
             f"| {r['method']} | {r['load_dtype']} | {r['tweets_per_s']:.2f} | {ratio} | "
             f"{_agreement(r)} |"
+        )
+    return lines
+
+
+def vllm_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The vLLM server beside the engine on the same method, shots and dtype, with its
+    agreement with the plain reference (float32) backend."""
+    served = [r for r in rows if r.get("backend") == "vllm"]
+    if not served:
+        return ["No vLLM measurement in this run (`make vllm-setup` installs vLLM)."]
+    lines = [
+        "| method | shots | dtype | tweets/s, vLLM | tweets/s, engine | vLLM / engine | "
+        "vs notebook | same label as the reference | largest probability difference "
+        "/ same text |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in served:
+        dtype = r.get("load_dtype")
+        engine = _find(rows, r["method"], r["shots"], r["batch_size"], load_dtype=dtype)
+        ratio = f"{r['tweets_per_s'] / engine['tweets_per_s']:.2f}x" if engine else ""
+        if "max_abs_prob_diff" in r:
+            detail = f"{r['max_abs_prob_diff']:.4f}"
+        else:
+            detail = _cell(r.get("same_text"), "{} of " + str(r["tweets"]) + " texts")
+        agree = _cell(r.get("agreeing"), "{} of " + str(r["tweets"]))
+        lines.append(
+            f"| {r['method']} | {r['shots']} | {r.get('dtype')} | {r['tweets_per_s']:.2f} | "
+            f"{_cell(engine and engine['tweets_per_s'], '{:.2f}')} | {ratio} | "
+            f"{_cell(r.get('ratio_vs_notebook'), '{:.1f}x')} | {agree} | {detail} |"
         )
     return lines
 

@@ -76,32 +76,27 @@ def run_prediction(
         check_few_shot(prompt, train, sample)
         check_calibration(prompt, strategy.method == "label_likelihood" and run_settings.calibrate)
     tokenizer = load_tokenizer(spec, location)
-    context = context_length(spec, location, tokenizer)
+    if spec.source == "openai":  # a server: checked before any prompt is built
+        engine, info, context = _remote(spec, location, tokenizer, settings)
+        batch_size = engine.client.max_concurrency
+    else:
+        context = context_length(spec, location, tokenizer)
     fitted = fit_to_context(strategy, prompt, tokenizer, train, sample, run_settings, context)
-    loaded = load_model(spec, location)
-    engine, batch_size = _engine(loaded, engine_settings)
+    if spec.source != "openai":
+        loaded = load_model(spec, location)
+        engine, batch_size = _engine(loaded, engine_settings)
+        tokenizer, info = loaded.tokenizer, loaded.info
     log.info(
         "%s / %s: %d tweets on %s, batch %d, %d threads",
-        model_name,
-        strategy_name,
-        len(sample),
-        engine.device,
-        batch_size,
-        threads,
+        *(model_name, strategy_name, len(sample), engine.device, batch_size, threads),
     )
     result = run_llm_strategy(
-        strategy,
-        engine,
-        loaded.tokenizer,
-        prompt,
-        train,
-        fitted.sample,
-        run_settings,
+        *(strategy, engine, tokenizer, prompt, train, fitted.sample, run_settings),
         truncated=fitted.truncated,
     )
     result.metadata = {
         "model": model_name,
-        **{k: v for k, v in loaded.info.items() if k != "name"},
+        **{k: v for k, v in info.items() if k != "name"},
         "batch_size": batch_size,
         "threads": threads,
         "engine_stats": dict(engine.stats),
@@ -154,6 +149,24 @@ def _job_prompt(strategy, prompt_path: str, settings: Mapping[str, Any], spec: M
     if spec.adapter:  # a fine-tuned model answers with the labels it was trained on
         prompt = adapter_prompt(prompt, spec.adapter)
     return prompt
+
+
+def _remote(spec: ModelSpec, location: str, tokenizer, settings: Mapping[str, Any]):
+    """A served model's backend, what the server says about it, and its context: the
+    server's ``max_model_len`` where it states one, else the tokenizer model's."""
+    from emoprompt.inference.remote import connect
+    from emoprompt.models.loading import context_length, generation_eos
+
+    backend = connect(
+        spec,
+        tokenizer,
+        cache_dir=settings.get("request_cache"),
+        generation_eos=generation_eos(location),
+    )
+    served = backend.info.get("max_model_len")
+    context = int(served) if served else context_length(spec, location, tokenizer)
+    info = {"device": "server", "dtype": None, **backend.info}
+    return backend, info, context
 
 
 def _engine(loaded, engine_settings: Mapping[str, Any]):

@@ -51,9 +51,15 @@ STRATEGIES: dict[str, Strategy] = {
 BASELINE_MODEL = "baseline"
 
 
-def strategies_for(prompt_format: str, names: Sequence[str]) -> list[str]:
-    """The strategies among ``names`` that apply to a model with this prompt format."""
-    return [n for n in names if STRATEGIES[n].prompt_format == prompt_format]
+def strategies_for(prompt_format: str, names: Sequence[str], *, served: bool = False) -> list[str]:
+    """The strategies among ``names`` that apply to a model with this prompt format
+    (a model behind a server, ``served``, has no hidden states for the probe)."""
+    return [
+        n
+        for n in names
+        if STRATEGIES[n].prompt_format == prompt_format
+        and not (served and STRATEGIES[n].method == "probe")
+    ]
 
 
 @dataclass

@@ -251,6 +251,17 @@ def context_length(spec: ModelSpec | Mapping[str, Any], path_or_id: str, tokeniz
     return min(usable)
 
 
+def generation_eos(path_or_id: str) -> int | list[int] | None:
+    """The ``eos_token_id`` of the model's generation config (what ends its answers
+    besides the tokenizer's EOS and end of turn), or None where it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path_or_id).eos_token_id
+    except OSError:
+        return None
+
+
 def _from_pretrained(path_or_id: str, spec: ModelSpec, weights: dict[str, Any]):
     """Tokenizer and model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-SOURCES = ("embedded", "local", "hub", "finetuned")
+SOURCES = ("embedded", "local", "hub", "finetuned", "openai")
 
 
 @dataclass(frozen=True)

