@@ -55,6 +55,7 @@ class Servers:
                 port=self.port,
                 dtype=dtype,
                 max_model_len=4096,
+                extra=["--enforce-eager"],
             )
             env = {**vllm_environment(), "VLLM_SERVER_DEV_MODE": "1"}  # /reset_prefix_cache
             log = self.logs / f"vllm-serve-{dtype}.log"

@@ -11,7 +11,7 @@ from emoprompt.inference.serve import find_vllm, vllm_command, vllm_environment
 
 def test_the_command_serves_the_folder_under_its_catalogue_name_with_an_adapter():
     cmd = vllm_command(
-        "vllm",
+        "python",
         "data/models/m",
         served_model_name="m",
         port=8123,
@@ -20,7 +20,7 @@ def test_the_command_serves_the_folder_under_its_catalogue_name_with_an_adapter(
         lora_modules={"m-ft": "data/models/m-ft"},
         extra=["--max-num-seqs", "4"],
     )
-    assert cmd[:3] == ["vllm", "serve", "data/models/m"]
+    assert cmd[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "data/models/m"]
     text = " ".join(cmd)
     for part in (
         "--served-model-name m",
@@ -48,12 +48,12 @@ def test_a_half_made_environment_is_not_taken_for_vllm(tmp_path, monkeypatch):
     monkeypatch.delenv("EMOPROMPT_VLLM", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "vllm").write_text("")
+    (tmp_path / "bin" / "python").write_text("")
     assert find_vllm(tmp_path) is None  # `make vllm-setup` did not finish
     (tmp_path / ".emoprompt-installed").write_text("")
-    assert find_vllm(tmp_path) == str(tmp_path / "bin" / "vllm")
-    monkeypatch.setenv("EMOPROMPT_VLLM", "/opt/vllm/bin/vllm")
-    assert find_vllm(tmp_path) == "/opt/vllm/bin/vllm"
+    assert find_vllm(tmp_path) == str(tmp_path / "bin" / "python")
+    monkeypatch.setenv("EMOPROMPT_VLLM", "/opt/vllm/bin/python")
+    assert find_vllm(tmp_path) == "/opt/vllm/bin/python"
 
 
 @pytest.mark.parametrize("served", [False, True])

