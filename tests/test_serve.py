@@ -20,7 +20,8 @@ def test_the_command_serves_the_folder_under_its_catalogue_name_with_an_adapter(
         lora_modules={"m-ft": "data/models/m-ft"},
         extra=["--max-num-seqs", "4"],
     )
-    assert cmd[:5] == ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "data/models/m"]
+    module = "vllm.entrypoints.openai.api_server"
+    assert cmd[:5] == ["python", "-m", module, "--model", "data/models/m"]
     text = " ".join(cmd)
     for part in (
         "--served-model-name m",

@@ -7,9 +7,10 @@ ids to the completions API, so the server sees exactly the tokens the engine wou
 * **first token**: one request per prompt for one token, with the log-probabilities of
   the labels' first tokens (vLLM's ``logprob_token_ids``: the model's raw, unprocessed
   distribution), renormalised over the labels here, as the reference does;
-* **label likelihood**: one request per (prompt, label) whose prompt is the prompt, the
-  label and the end token, asking for the prompt's own log-probabilities
-  (``prompt_logprobs``); a server without them is refused with a clear message;
+* **label likelihood**: the labels' tokens and the end token scored position by
+  position, one one-token request per distinct prefix of the labels after the prompt
+  (a tree: the prompt is shared, and the server's prefix cache computes it once), with
+  the log-probabilities of the tokens that follow there (``logprob_token_ids``);
 * **generation**: greedy (temperature 0) or sampled with the request's seed, stopped at
   the tokenizer's stop tokens; the answer is cut at the first stop token (or newline)
   exactly as the reference cuts it.
@@ -118,13 +119,7 @@ class OpenAIBackend(Backend):
     ) -> np.ndarray:
         firsts = [self.label_first_tokens(labels, p.text) for p in prompts]
         bodies = [
-            self._body(
-                self.rules.encode_prompt(p.text),
-                max_tokens=1,
-                logprobs=1,
-                logprob_token_ids=ids,
-                return_tokens_as_token_ids=True,
-            )
+            self._next_token_body(self.rules.encode_prompt(p.text), ids)
             for p, ids in zip(prompts, firsts, strict=True)
         ]
         out = np.zeros((len(prompts), len(labels)))
@@ -144,26 +139,45 @@ class OpenAIBackend(Backend):
         end_token: str | None = END_OF_TURN,
         normalize: bool = False,
     ) -> np.ndarray:
+        """Each label's tokens (and the end token) scored one position at a time: one
+        one-token request per distinct prefix of the labels (the labels' tree), asking
+        for the log-probabilities of the tokens that follow it there. The server's prefix
+        cache computes the shared prompt once; asking for the prompt's own
+        log-probabilities instead would recompute every position of it for every label."""
         end_ids = self.rules.end_ids(end_token, END_OF_TURN)
         texts = [p.text for p in prompts]
-        jobs = []  # (prompt index, label index, context length, answer length)
-        bodies = []
-        label_seqs = self.rules.label_seqs(texts, labels)
-        for i, (text, seqs) in enumerate(zip(texts, label_seqs, strict=True)):
-            context = self.rules.encode_prompt(text)
-            for j, seq in enumerate(seqs):
-                tokens = context + seq + end_ids
-                jobs.append((i, j, len(context), len(seq) + len(end_ids)))
-                bodies.append(self._body(tokens, max_tokens=1, prompt_logprobs=0))
+        answers = [[seq + end_ids for seq in seqs] for seqs in self.rules.label_seqs(texts, labels)]
+        steps: dict[tuple[int, ...], set[int]] = {}  # prefix -> the tokens asked for after it
+        contexts = [tuple(self.rules.encode_prompt(text)) for text in texts]
+        for context, seqs in zip(contexts, answers, strict=True):
+            for seq in seqs:
+                for k, token in enumerate(seq):
+                    steps.setdefault(context + tuple(seq[:k]), set()).add(token)
+        prefixes = list(steps)
+        bodies = [self._next_token_body(list(p), sorted(steps[p])) for p in prefixes]
+        found = {}
+        for prefix, choice in zip(prefixes, self._ask(bodies, "label likelihoods"), strict=True):
+            tokens = sorted(steps[prefix])
+            logprobs = _token_logprobs(choice, tokens)
+            found.update({(prefix, t): v for t, v in zip(tokens, logprobs, strict=True)})
         out = np.zeros((len(prompts), len(labels)))
-        for (i, j, start, n), body, choice in zip(
-            jobs, bodies, self._ask(bodies, "label likelihoods"), strict=True
-        ):
-            score = _prompt_logprob(choice, body["prompt"], start)
-            out[i, j] = score / n if normalize else score
-            self.stats["label_tokens"] += n
+        for i, (context, seqs) in enumerate(zip(contexts, answers, strict=True)):
+            for j, seq in enumerate(seqs):
+                score = sum(found[(context + tuple(seq[:k]), t)] for k, t in enumerate(seq))
+                out[i, j] = score / len(seq) if normalize else score
+                self.stats["label_tokens"] += len(seq)
         self.stats["prompts"] += len(prompts)
         return out
+
+    def _next_token_body(self, ids: list[int], tokens: list[int]) -> dict[str, Any]:
+        """One token after ``ids``, with the raw log-probabilities of ``tokens`` there."""
+        return self._body(
+            ids,
+            max_tokens=1,
+            logprobs=1,
+            logprob_token_ids=tokens,
+            return_tokens_as_token_ids=True,
+        )
 
     def generate(
         self,
@@ -210,30 +224,15 @@ def _token_logprobs(choice: Mapping[str, Any], ids: Sequence[int]) -> np.ndarray
     top = (logprobs.get("top_logprobs") or [None])[0]
     if not top:
         raise ServerError(
-            "the server returned no log-probabilities for the label tokens: first-token "
-            "scoring needs a server with vLLM's logprob_token_ids"
+            "the server returned no log-probabilities for the label tokens: first-token and "
+            "label-likelihood scoring need a server with vLLM's logprob_token_ids; use a "
+            "generation strategy with this model"
         )
     found = {int(str(k).removeprefix("token_id:")): v for k, v in top.items()}
     missing = [t for t in ids if t not in found]
     if missing:
         raise ServerError(f"the server left out the log-probabilities of tokens {missing}")
     return np.array([float(found[t]) for t in ids])
-
-
-def _prompt_logprob(choice: Mapping[str, Any], tokens: Sequence[int], start: int) -> float:
-    """The summed log-probability of ``tokens[start:]`` given what precedes each."""
-    positions = choice.get("prompt_logprobs")
-    if not positions or len(positions) != len(tokens):
-        raise ServerError(
-            "the server returned no prompt log-probabilities: label-likelihood scoring needs "
-            "a server that has them (vLLM's prompt_logprobs); use a first-token or "
-            "generation strategy with this model"
-        )
-    total = 0.0
-    for position in range(start, len(tokens)):
-        entry = positions[position][str(tokens[position])]
-        total += float(entry["logprob"] if isinstance(entry, Mapping) else entry)
-    return total
 
 
 def _generated_ids(choice: Mapping[str, Any]) -> list[int]:
