@@ -145,8 +145,9 @@ class JsonClient:
     def _send(self, method: str, path: str, body: Mapping[str, Any] | None) -> Any:
         url = self.base_url + path
         for attempt in range(self.retries + 1):
-            with self._lock:
-                self.stats["requests"] += 1
+            if method == "POST":  # what the server was asked to compute (GETs: about itself)
+                with self._lock:
+                    self.stats["requests"] += 1
             result, problem = self._try_once(method, url, body)
             if problem is None:
                 return result
