@@ -82,6 +82,17 @@ def answer(
     return Generation(text=text, tokens_in=n_prompt, tokens_out=len(tokens))
 
 
+def until_stop(
+    rules: TokenizerRules, stop_ids: set[int], tokens: list[int], stop_at_newline: bool
+) -> list[int]:
+    """The generated ``tokens`` up to the first stop token (included): a batch pads its
+    finished rows, and with ``stop_at_newline`` a newline token ends the answer too."""
+    for k, token in enumerate(tokens):
+        if token in stop_ids or (stop_at_newline and rules.is_newline(token)):
+            return tokens[: k + 1]
+    return tokens
+
+
 class Backend(abc.ABC):
     """A model the strategies can score and generate with (see the module docstring).
 

@@ -26,6 +26,7 @@ from emoprompt.inference.backend import (
     Generation,
     answer,
     new_stats,
+    until_stop,
 )
 from emoprompt.inference.capabilities import base_model
 from emoprompt.inference.tokens import TokenizerRules
@@ -146,17 +147,9 @@ class ReferenceBackend(Backend):
                 pad_token_id=self.tokenizer.pad_token_id,
                 **({"do_sample": False, "top_k": None, "top_p": None} | sampling),
             )[0, ids.shape[1] :].tolist()
-            tokens = self._until_stop(tokens, stop_at_newline)
+            tokens = until_stop(self.rules, self.stop_ids, tokens, stop_at_newline)
             self.stats["prompts"] += 1
             self.stats["tokens_in"] += ids.shape[1]
             self.stats["tokens_out"] += len(tokens)
             out.append(answer(self.rules, self.stop_ids, tokens, ids.shape[1], decoding))
         return out
-
-    def _until_stop(self, tokens: list[int], stop_at_newline: bool) -> list[int]:
-        """The tokens up to the first stop token (included): ``generate`` pads finished
-        rows, and with ``stop_at_newline`` a newline token ends the answer too."""
-        for k, token in enumerate(tokens):
-            if token in self.stop_ids or (stop_at_newline and self.rules.is_newline(token)):
-                return tokens[: k + 1]
-        return tokens

@@ -35,6 +35,7 @@ from emoprompt.inference.backend import (
     Generation,
     answer,
     new_stats,
+    until_stop,
 )
 from emoprompt.inference.tokens import TokenizerRules
 from emoprompt.infra.http import JsonClient, ServerError, request_key
@@ -204,18 +205,12 @@ class OpenAIBackend(Backend):
         out = []
         for ids, choice in zip(encoded, self._ask(bodies, "generation"), strict=True):
             tokens = _generated_ids(choice)
-            tokens = self._until_stop(tokens, stop_at_newline)
+            tokens = until_stop(self.rules, self.stop_ids, tokens, stop_at_newline)
             self.stats["prompts"] += 1
             self.stats["tokens_out"] += len(tokens)
             out.append(answer(self.rules, self.stop_ids, tokens, len(ids), decoding))
         return out
 
-    def _until_stop(self, tokens: list[int], stop_at_newline: bool) -> list[int]:
-        """The tokens up to the first stop token (included), as the reference cuts them."""
-        for k, token in enumerate(tokens):
-            if token in self.stop_ids or (stop_at_newline and self.rules.is_newline(token)):
-                return tokens[: k + 1]
-        return tokens
 
 
 def _token_logprobs(choice: Mapping[str, Any], ids: Sequence[int]) -> np.ndarray:
