@@ -154,11 +154,11 @@ class OpenAIBackend(Backend):
             for seq in seqs:
                 for k, token in enumerate(seq):
                     steps.setdefault(context + tuple(seq[:k]), set()).add(token)
-        prefixes = list(steps)
-        bodies = [self._next_token_body(list(p), sorted(steps[p])) for p in prefixes]
+        asked = {prefix: sorted(tokens) for prefix, tokens in steps.items()}
+        bodies = [self._next_token_body(list(p), tokens) for p, tokens in asked.items()]
         found = {}
-        for prefix, choice in zip(prefixes, self._ask(bodies, "label likelihoods"), strict=True):
-            tokens = sorted(steps[prefix])
+        choices = self._ask(bodies, "label likelihoods")
+        for (prefix, tokens), choice in zip(asked.items(), choices, strict=True):
             logprobs = _token_logprobs(choice, tokens)
             found.update({(prefix, t): v for t, v in zip(tokens, logprobs, strict=True)})
         out = np.zeros((len(prompts), len(labels)))
