@@ -243,7 +243,8 @@ def vllm_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         engine = _find(rows, r["method"], r["shots"], r["batch_size"], load_dtype=dtype)
         ratio = f"{r['tweets_per_s'] / engine['tweets_per_s']:.2f}x" if engine else ""
         if "max_abs_prob_diff" in r:
-            detail = f"{r['max_abs_prob_diff']:.4f}"
+            diff = r["max_abs_prob_diff"]
+            detail = f"{diff:.1e}" if diff < 1e-3 else f"{diff:.4f}"
         else:
             detail = _cell(r.get("same_text"), "{} of " + str(r["tweets"]) + " texts")
         agree = _cell(r.get("agreeing"), "{} of " + str(r["tweets"]))
