@@ -79,8 +79,8 @@ ui: setup
 	  --backend-store-uri "$$uri" --artifacts-destination "$(CURDIR)/results/mlartifacts"
 
 # Inference speed of every strategy against the course notebook's way, one process per
-# measurement (48 minutes on a 2-core CPU, vLLM's cases included): results/bench/inference.json and the
-# tables of BENCHMARKS.md. Run it on an otherwise idle machine.
+# measurement (48 minutes on a 2-core CPU, vLLM's cases included):
+# results/bench/inference.json and the tables of BENCHMARKS.md. Run it on an otherwise idle machine.
 BENCH_MODEL ?= smollm2-135m-instruct
 # Data and model as the workflow prepared them (made here if missing, not remade when
 # only the settings they were made with changed).
