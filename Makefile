@@ -80,7 +80,8 @@ ui: setup
 
 # Inference speed of every strategy against the course notebook's way, one process per
 # measurement (48 minutes on a 2-core CPU, vLLM's cases included):
-# results/bench/inference.json and the tables of BENCHMARKS.md. Run it on an otherwise idle machine.
+# results/bench/inference.json and the tables of BENCHMARKS.md. Run it on an otherwise
+# idle machine.
 BENCH_MODEL ?= smollm2-135m-instruct
 # Data and model as the workflow prepared them (made here if missing, not remade when
 # only the settings they were made with changed).
