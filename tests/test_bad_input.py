@@ -4,6 +4,7 @@ workflow starts (a dry run fails) or, with the data, before a model loads."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -322,3 +323,30 @@ def test_calibration_with_shots_chosen_per_tweet_is_refused_by_a_dry_run(workflo
     assert "scoring.calibrate" in message
     extra.write_text("scoring:\n  calibrate: false\n")
     run_snakemake(workflow_dir, "-n", "--configfile", str(extra))  # without it: fine
+
+
+def test_a_served_entry_is_checked_by_a_dry_run_and_a_chat_api_skips_label_likelihood(
+    workflow_dir,
+):
+    extra = workflow_dir / "served.yaml"
+    served = {"source": "openai", "base_url": "http://127.0.0.1:9/v1", "served_model": "m"}
+
+    def dry_run(entry):
+        extra.write_text(
+            json.dumps({"models": ["smollm2-135m-instruct", "m"], "model_catalogue": {"m": entry}})
+        )
+        return run_snakemake(workflow_dir, "-n", "--configfile", str(extra), check=False)
+
+    result = dry_run({**served, "prompt_format": "chat"})
+    assert result.returncode != 0
+    assert "model_catalogue: m is served (source: openai) and needs tokenizer" in result.stdout + result.stderr
+    result = dry_run({**served, "api": "chat", "prompt_format": "plain"})
+    assert result.returncode != 0
+    assert "api: chat sends chat turns and needs prompt_format: chat" in result.stdout + result.stderr
+    result = dry_run({**served, "api": "chat", "prompt_format": "chat"})  # no tokenizer: fine
+    assert result.returncode == 0, result.stdout
+    log = result.stdout + result.stderr
+    assert "m uses a chat API (api: chat)" in log and "not run for it" in log
+    assert "predictions/m/zero_shot_first_token.tsv" in log
+    assert "predictions/m/zero_shot_label_likelihood.tsv" not in log
+    assert "predictions/smollm2-135m-instruct/zero_shot_label_likelihood.tsv" in log

@@ -57,8 +57,25 @@ def test_a_half_made_environment_is_not_taken_for_vllm(tmp_path, monkeypatch):
     assert find_vllm(tmp_path) == "/opt/vllm/bin/python"
 
 
-@pytest.mark.parametrize("served", [False, True])
-def test_a_served_model_runs_every_chat_strategy_but_the_probe(served):
-    names = ["zero_shot_generate", "few_shot_first_token", "linear_probe", "finetuned_first_token"]
-    expected = ["zero_shot_generate", "few_shot_first_token"] + ([] if served else ["linear_probe"])
+@pytest.mark.parametrize("served", [None, "completions", "chat"])
+def test_a_served_model_runs_every_chat_strategy_its_api_can_answer(served):
+    names = [
+        "zero_shot_generate",
+        "few_shot_first_token",
+        "zero_shot_label_likelihood",
+        "linear_probe",
+        "finetuned_first_token",
+    ]
+    expected = {
+        None: [
+            "zero_shot_generate",
+            "few_shot_first_token",
+            "zero_shot_label_likelihood",
+            "linear_probe",
+        ],
+        "completions": ["zero_shot_generate", "few_shot_first_token", "zero_shot_label_likelihood"],
+        "chat": ["zero_shot_generate", "few_shot_first_token"],
+    }[served]
     assert strategies_for("chat", names, served=served) == expected
+    with pytest.raises(ValueError, match="served must be one of"):
+        strategies_for("chat", names, served="grpc")

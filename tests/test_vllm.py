@@ -27,6 +27,10 @@ pytestmark = [
 ]
 
 SERVED = "smollm2-135m-instruct-vllm"
+# The same server through its chat-completions API, as a hosted model is asked: chat
+# turns, no local tokenizer, first-token scores from the top log-probabilities.
+SERVED_CHAT = "smollm2-135m-instruct-vllm-chat"
+CHAT_STRATEGIES = ["zero_shot_generate", "zero_shot_first_token", "few_shot_first_token"]
 # Each way of asking the server (generation, first token, label likelihood), with the
 # zero-shot prompt and, for first-token scoring, the 10-shot one; every strategy through
 # vLLM was also checked on 20 tweets (docs/serving.md), each job here costs a process.
@@ -75,9 +79,18 @@ def finished_run(tmp_path_factory, server: VllmServer, data_dir: Path, smollm2_d
     (workflow / "data" / "models").mkdir(parents=True)
     (workflow / "data" / "models" / "smollm2-135m-instruct").symlink_to(smollm2_dir)
     overlay = {
-        "models": ["smollm2-135m-instruct", SERVED],
+        "models": ["smollm2-135m-instruct", SERVED, SERVED_CHAT],
         "strategies": STRATEGIES,
-        "model_catalogue": {SERVED: {"base_url": server.base_url}},
+        "model_catalogue": {
+            SERVED: {"base_url": server.base_url},
+            SERVED_CHAT: {
+                "source": "openai",
+                "api": "chat",
+                "base_url": server.base_url,
+                "served_model": "smollm2-135m-instruct",
+                "prompt_format": "chat",
+            },
+        },
         "data_source": str(data_dir / "emoeval_data.zip"),
         "sample_size": TWEETS,
     }
@@ -128,6 +141,23 @@ def test_the_served_model_agrees_with_the_in_process_engine(finished_run):
         if prob_columns and "generate" not in strategy:
             gap = (local[prob_columns] - served[prob_columns]).abs().to_numpy().max()
             assert gap < 0.05, (strategy, gap)
+
+
+def test_the_chat_api_runs_what_it_can_answer_and_agrees_with_the_engine(finished_run):
+    """No local tokenizer: chat turns in, the server's template; label likelihood is not
+    run (a chat API has no log-probabilities of given answers)."""
+    folder = finished_run / "results" / "predictions" / SERVED_CHAT
+    assert sorted(p.stem for p in folder.glob("*.json")) == sorted(CHAT_STRATEGIES)
+    for strategy in CHAT_STRATEGIES:
+        local, _ = prediction(finished_run, "smollm2-135m-instruct", strategy)
+        served, meta = prediction(finished_run, SERVED_CHAT, strategy)
+        assert meta["backend"]["api"].startswith("chat")
+        assert meta["backend"]["server_version"].startswith("0.")
+        assert meta["prompt_token_limit"] is None  # no local tokenizer measured them
+        agreement = (local["predicted"].to_numpy() == served["predicted"].to_numpy()).mean()
+        assert agreement >= 0.9, (strategy, agreement)
+        if strategy == "zero_shot_generate":  # the same template and greedy decoding
+            assert list(served["raw"]) == list(local["raw"])
 
 
 def test_its_rows_and_mlflow_runs_are_those_of_any_model(finished_run):

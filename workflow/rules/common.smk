@@ -150,13 +150,28 @@ for _name, _entry in config["model_catalogue"].items():
 
 for _name, _entry in config["model_catalogue"].items():
     if _entry["source"] == "openai":
-        _missing = [k for k in ("base_url", "served_model", "tokenizer") if not _entry.get(k)]
+        _chat = _entry.get("api") == "chat"  # chat turns: no local tokenizer needed
+        _needed = ("base_url", "served_model") + (() if _chat else ("tokenizer",))
+        _missing = [k for k in _needed if not _entry.get(k)]
         if _missing:
             raise WorkflowError(
                 f"model_catalogue: {_name} is served (source: openai) and needs "
                 + ", ".join(_missing)
             )
-        _tok = _entry["tokenizer"]
+        if _chat and _entry["prompt_format"] != "chat":
+            raise WorkflowError(
+                f"model_catalogue: {_name}: api: chat sends chat turns and needs "
+                "prompt_format: chat (a plain prompt needs api: completions)"
+            )
+        _refused = [s for s in config["strategies"] if STRATEGIES[s].method == "label_likelihood"]
+        if _chat and _name in config["models"] and _refused:
+            logger.warning(
+                f"model_catalogue: {_name} uses a chat API (api: chat), which returns no "
+                f"log-probabilities of given answers: {', '.join(_refused)} not run for it"
+            )
+        _tok = _entry.get("tokenizer")
+        if _tok is None:
+            continue
         if _tok not in config["model_catalogue"] or model_entry(_tok)["source"] in (
             "openai",
             "finetuned",
@@ -225,9 +240,12 @@ def prediction_pairs():
     """(model, strategy) pairs to run: every strategy that fits each model's format."""
     pairs = []
     for model in config["models"]:
-        fmt = model_entry(model)["prompt_format"]
-        served = model_entry(model)["source"] == "openai"
-        pairs += [(model, s) for s in strategies_for(fmt, config["strategies"], served=served)]
+        entry = model_entry(model)
+        served = entry.get("api", "completions") if entry["source"] == "openai" else None
+        pairs += [
+            (model, s)
+            for s in strategies_for(entry["prompt_format"], config["strategies"], served=served)
+        ]
     if "baseline_tfidf" in config["strategies"]:
         pairs.append((BASELINE_MODEL, "baseline_tfidf"))
     return pairs
@@ -263,7 +281,7 @@ def location_of(name):
     if entry["source"] == "finetuned":
         return location_of(entry["base"])
     if entry["source"] == "openai":  # the tokenizer's: the model itself is on the server
-        return location_of(entry["tokenizer"])
+        return location_of(entry["tokenizer"]) if entry.get("tokenizer") else ""
     if entry["source"] == "embedded":
         return f"data/models/{name}"
     if entry["source"] == "local":
@@ -282,7 +300,8 @@ def files_of(name):
     if entry["source"] == "finetuned":
         return [*files_of(entry["base"]), adapter_folder(name)]
     if entry["source"] == "openai":  # and a LoRA adapter the server serves, if named
-        return [*files_of(entry["tokenizer"]), *([entry["adapter"]] if "adapter" in entry else [])]
+        tokenizer = files_of(entry["tokenizer"]) if entry.get("tokenizer") else []
+        return [*tokenizer, *([entry["adapter"]] if "adapter" in entry else [])]
     return [] if entry["source"] == "hub" else [location_of(name)]
 
 

@@ -38,8 +38,8 @@ class Fitted:
 
     sample: pd.DataFrame
     truncated: list[bool]
-    limit: int  # tokens a prompt may have
-    longest: int  # tokens of the longest prompt, after cutting
+    limit: int | None  # tokens a prompt may have (None: not measured here)
+    longest: int | None  # tokens of the longest prompt, after cutting
 
 
 def answer_reserve(strategy: Strategy, prompt: PromptFile, settings: Settings, rules) -> int:
@@ -117,7 +117,14 @@ def _too_long(prompt: PromptFile, tokens: int, context: int, limit: int) -> str:
     )
 
 
-def truncation_record(fitted: Fitted, context: int) -> dict[str, Any]:
+def unmeasured(sample: pd.DataFrame) -> Fitted:
+    """The sample as it is, for a server that measures prompts itself (a hosted chat API
+    without a local tokenizer): nothing cut, no limit known."""
+    sample = sample.reset_index(drop=True).copy()
+    return Fitted(sample, [False] * len(sample), limit=None, longest=None)
+
+
+def truncation_record(fitted: Fitted, context: int | None) -> dict[str, Any]:
     """What the prediction JSON says of it."""
     return {
         "context_tokens": context,

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from emoprompt.data.splits import read_split
-from emoprompt.evaluation.context import fit_to_context, truncation_record
+from emoprompt.evaluation.context import fit_to_context, truncation_record, unmeasured
 from emoprompt.evaluation.predictions import Result, write_result
 from emoprompt.evaluation.runner import run_baseline, run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
@@ -75,13 +75,18 @@ def run_prediction(
     if strategy.family == "few_shot":
         check_few_shot(prompt, train, sample)
         check_calibration(prompt, strategy.method == "label_likelihood" and run_settings.calibrate)
-    tokenizer = load_tokenizer(spec, location)
+    # A chat API without a local tokenizer (a hosted model) has no location.
+    tokenizer = load_tokenizer(spec, location) if location else None
     if spec.source == "openai":  # a server: checked before any prompt is built
         engine, info, context = _remote(spec, location, tokenizer, settings)
         batch_size = engine.client.max_concurrency
     else:
         context = context_length(spec, location, tokenizer)
-    fitted = fit_to_context(strategy, prompt, tokenizer, train, sample, run_settings, context)
+    if tokenizer is None:  # the server's template and tokenizer: it measures the prompts
+        log.info("%s: prompts not measured here; the server refuses any too long", model_name)
+        fitted = unmeasured(sample)
+    else:
+        fitted = fit_to_context(strategy, prompt, tokenizer, train, sample, run_settings, context)
     if spec.source != "openai":
         loaded = load_model(spec, location)
         engine, batch_size = _engine(loaded, engine_settings)
@@ -153,7 +158,8 @@ def _job_prompt(strategy, prompt_path: str, settings: Mapping[str, Any], spec: M
 
 def _remote(spec: ModelSpec, location: str, tokenizer, settings: Mapping[str, Any]):
     """A served model's backend, what the server says about it, and its context: the
-    server's ``max_model_len`` where it states one, else the tokenizer model's."""
+    server's ``max_model_len`` where it states one, else the tokenizer model's (None for
+    a hosted chat API that states none and has no local tokenizer)."""
     from emoprompt.inference.remote import connect
     from emoprompt.models.loading import context_length, generation_eos
 
@@ -161,10 +167,13 @@ def _remote(spec: ModelSpec, location: str, tokenizer, settings: Mapping[str, An
         spec,
         tokenizer,
         cache_dir=settings.get("request_cache"),
-        generation_eos=generation_eos(location),
+        generation_eos=generation_eos(location) if location else None,
     )
     served = backend.info.get("max_model_len")
-    context = int(served) if served else context_length(spec, location, tokenizer)
+    if served or not location:
+        context = int(served) if served else None
+    else:
+        context = context_length(spec, location, tokenizer)
     info = {"device": "server", "dtype": None, **backend.info}
     return backend, info, context
 

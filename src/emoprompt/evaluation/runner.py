@@ -2,7 +2,8 @@
 
 Scores over a prompt's own labels are mapped onto the seven classes (summing, so the
 fine-tuned model's Neutral counts as Otras); generated answers are parsed into a label,
-and those with none are counted and given the fallback label.
+and those with none are counted and given the fallback label, as are the tweets a
+server's chat API could not score (no label among its top tokens).
 """
 
 from __future__ import annotations
@@ -136,9 +137,17 @@ def run_llm_strategy(
         probs = _scored(
             strategy, backend, tokenizer, prompt, train, sample, parts, settings, record
         )
-        probs7 = to_seven(probs, labels, label_map)
-        predicted = [LABELS[i] for i in probs7.argmax(axis=1)]
-        parsed, raw = [True] * len(parts), [""] * len(parts)
+        # A row a server could not score (NaN: no label among a chat API's top tokens)
+        # gets the fallback label and counts as unparsed, as an answer with no label does.
+        unscored = np.isnan(probs).any(axis=1)
+        probs7 = to_seven(np.where(unscored[:, None], 0.0, probs), labels, label_map)
+        probs7[unscored] = np.nan
+        best = np.nan_to_num(probs7, nan=0.0).argmax(axis=1)
+        predicted = [
+            settings.fallback_label if none else LABELS[i]
+            for none, i in zip(unscored, best, strict=True)
+        ]
+        parsed, raw = (~unscored).tolist(), [""] * len(parts)
     seconds = time.perf_counter() - start
 
     cut = [False] * len(parts) if truncated is None else list(truncated)

@@ -51,14 +51,22 @@ STRATEGIES: dict[str, Strategy] = {
 BASELINE_MODEL = "baseline"
 
 
-def strategies_for(prompt_format: str, names: Sequence[str], *, served: bool = False) -> list[str]:
-    """The strategies among ``names`` that apply to a model with this prompt format
-    (a model behind a server, ``served``, has no hidden states for the probe)."""
+def strategies_for(
+    prompt_format: str, names: Sequence[str], *, served: str | None = None
+) -> list[str]:
+    """The strategies among ``names`` that apply to a model with this prompt format.
+
+    ``served`` names the API of a model behind a server (``completions`` or ``chat``):
+    a server has no hidden states for the probe, and a chat API no log-probabilities of
+    given answer tokens for label likelihood."""
+    refused = {"completions": {"probe"}, "chat": {"probe", "label_likelihood"}}
+    if served is not None and served not in refused:
+        raise ValueError(f"served must be one of {sorted(refused)} or None, not {served!r}")
+    skip = refused.get(served, set())
     return [
         n
         for n in names
-        if STRATEGIES[n].prompt_format == prompt_format
-        and not (served and STRATEGIES[n].method == "probe")
+        if STRATEGIES[n].prompt_format == prompt_format and STRATEGIES[n].method not in skip
     ]
 
 

@@ -15,12 +15,19 @@ ids to the completions API, so the server sees exactly the tokens the engine wou
   the tokenizer's stop tokens; the answer is cut at the first stop token (or newline)
   exactly as the reference cuts it.
 
+A server that takes no token ids (a hosted API) is asked through its chat-completions
+API instead (``api: chat``, :class:`ChatBackend`): the prompt's chat turns are sent and
+the server applies its own chat template; first-token scores come from its top
+log-probabilities, matched to the labels by text (:func:`label_probs`); label likelihood
+is refused, since such an API returns no log-probabilities for given answer tokens.
+
 Requests go through :class:`emoprompt.infra.http.JsonClient` (bounded concurrency,
 timeouts, retries, the request cache).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +49,11 @@ from emoprompt.infra.http import JsonClient, ServerError, request_key
 from emoprompt.prompting.render import PromptParts
 
 COMPLETIONS = "/completions"
+CHAT = "/chat/completions"
+#: The APIs a ``source: openai`` entry may use (``api``): token ids, or chat turns.
+APIS = ("completions", "chat")
+#: Top log-probabilities asked for by default in chat mode (OpenAI's API allows 20).
+TOP_LOGPROBS = 20
 
 
 def server_info(client: JsonClient, served_model: str) -> dict[str, Any]:
@@ -212,6 +224,176 @@ class OpenAIBackend(Backend):
         return out
 
 
+class ChatBackend(Backend):
+    """A server's chat-completions API (``api: chat``): the prompt's chat turns are sent,
+    not token ids, so it serves models without a local tokenizer (hosted APIs).
+
+    * **first token**: one one-token request per prompt with the ``top_logprobs`` most
+      likely first tokens; each label's probability is the sum over those that start it
+      (:func:`label_probs`), renormalised over the labels. Labels none of whose starts
+      is among them score 0 and are counted (``stats["labels_absent"]``); a tweet with
+      no label among them is left unscored (NaN, counted in ``stats["unscored"]``): it
+      gets the fallback label and counts as unparsed;
+    * **generation**: greedy (temperature 0) or sampled with the request's seed; the
+      answer is the server's text, cut at its first newline where asked;
+    * **label likelihood**: refused (no log-probabilities of given answer tokens).
+    """
+
+    def __init__(
+        self,
+        client: JsonClient,
+        info: Mapping[str, Any],
+        *,
+        top_logprobs: int = TOP_LOGPROBS,
+        template_kwargs: Mapping[str, Any] | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.client = client
+        self.info = dict(info)
+        self.model = self.info["served_model"]
+        self.top_logprobs = top_logprobs
+        self.template_kwargs = dict(template_kwargs or {})
+        self.rules = TokenizerRules(tokenizer) if tokenizer is not None else None
+        self.device = "server"
+        self.stats = new_stats()
+        self.stats.update(labels_absent=0, unscored=0)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "openai",
+            "api": "chat completions (messages)",
+            "first_token": f"top {self.top_logprobs} log-probabilities, matched to the labels",
+            "device": "server",
+            "dtype": self.info.get("dtype"),
+            "speedups": [],
+            **{k: v for k, v in self.info.items() if k != "dtype"},
+            "requests": dict(self.client.stats),
+            "labels_absent": int(self.stats["labels_absent"]),
+            "unscored": int(self.stats["unscored"]),
+        }
+
+    def _body(self, prompt: PromptParts, **fields: Any) -> dict[str, Any]:
+        if prompt.messages is None:
+            raise ValueError(
+                f"{self.model}: a chat-completions API (api: chat) takes chat prompts; "
+                "plain prompts (prompt_format: plain) need api: completions"
+            )
+        extra = {"chat_template_kwargs": self.template_kwargs} if self.template_kwargs else {}
+        messages = [dict(m) for m in prompt.messages]
+        return {"model": self.model, "messages": messages, "temperature": 0.0, **extra, **fields}
+
+    def _ask(self, bodies: list[dict[str, Any]], desc: str) -> list[dict[str, Any]]:
+        answers = self.client.post_many(CHAT, bodies, desc=desc)
+        self.stats["forward_passes"] += len(bodies)
+        for reply in answers:
+            usage = reply.get("usage") or {}
+            self.stats["tokens_in"] += int(usage.get("prompt_tokens") or 0)
+            self.stats["tokens_out"] += int(usage.get("completion_tokens") or 0)
+        return answers
+
+    def label_first_tokens(self, labels: Sequence[str], context: str) -> list[int]:
+        """The labels' first tokens where a local tokenizer is named (for the records);
+        none otherwise: the labels are matched to the server's tokens by text."""
+        return self.rules.label_first_tokens(labels, context) if self.rules else []
+
+    def first_token_probs(
+        self, prompts: Sequence[PromptParts], labels: Sequence[str]
+    ) -> np.ndarray:
+        fields = {"max_completion_tokens": 1, "logprobs": True, "top_logprobs": self.top_logprobs}
+        bodies = [self._body(p, **fields) for p in prompts]
+        out = np.full((len(prompts), len(labels)), np.nan)
+        for i, reply in enumerate(self._ask(bodies, "first-token scores")):
+            found = label_probs(_top_logprobs(reply["choices"][0]), labels)
+            self.stats["labels_absent"] += int((found == 0).sum())
+            if found.sum() > 0:
+                out[i] = found / found.sum()
+            else:
+                self.stats["unscored"] += 1
+        self.stats["prompts"] += len(prompts)
+        return out
+
+    def label_logprobs(
+        self,
+        prompts: Sequence[PromptParts],
+        labels: Sequence[str],
+        *,
+        end_token: str | None = END_OF_TURN,
+        normalize: bool = False,
+    ) -> np.ndarray:
+        raise ServerError(
+            f"{self.model}: label likelihood needs the log-probabilities of given answer "
+            "tokens, which a chat-completions API does not return: use a first-token or "
+            "generation strategy, or api: completions with a vLLM server"
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[PromptParts],
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int = 0,
+        stop_at_newline: bool = False,
+    ) -> list[Generation]:
+        Decoding(max_new_tokens, do_sample, temperature, seed, stop_at_newline)  # checks
+        fields: dict[str, Any] = {"max_completion_tokens": max_new_tokens}
+        if do_sample:
+            fields.update(temperature=temperature, seed=seed)
+        if stop_at_newline:
+            fields["stop"] = ["\n"]
+        out = []
+        for reply in self._ask([self._body(p, **fields) for p in prompts], "generation"):
+            text = (reply["choices"][0].get("message") or {}).get("content") or ""
+            usage = reply.get("usage") or {}
+            self.stats["prompts"] += 1
+            out.append(
+                Generation(
+                    text=text.split("\n", 1)[0] if stop_at_newline else text,
+                    tokens_in=int(usage.get("prompt_tokens") or 0),
+                    tokens_out=int(usage.get("completion_tokens") or 0),
+                )
+            )
+        return out
+
+
+def label_probs(top: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> np.ndarray:
+    """Each label's probability of starting the answer, from a chat API's most likely
+    first tokens (``top``: ``{"token", "logprob"}`` entries), not renormalised.
+
+    A token counts for a label when its text, without leading white space and ignoring
+    case, is a non-empty start of that label and of no other (so ``"Al"`` counts for
+    Alegría), or is the label followed by no letter (``"Ira,"``). A label none of whose
+    tokens is in ``top`` gets 0."""
+    folded = [label.casefold() for label in labels]
+    out = np.zeros(len(labels))
+    for entry in top:
+        start = str(entry.get("token", "")).lstrip().casefold()
+        if not start:
+            continue
+        hits = [
+            j
+            for j, label in enumerate(folded)
+            if label.startswith(start)
+            or (start.startswith(label) and not start[len(label) : len(label) + 1].isalpha())
+        ]
+        if len(hits) == 1:
+            out[hits[0]] += math.exp(float(entry["logprob"]))
+    return out
+
+
+def _top_logprobs(choice: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The top log-probabilities of a chat answer's first token ([] if it has none)."""
+    logprobs = choice.get("logprobs")
+    if not logprobs or "content" not in logprobs:
+        raise ServerError(
+            "the server returned no top log-probabilities (logprobs, top_logprobs) for the "
+            "answer: first-token scoring through a chat API needs them; use a generation "
+            "strategy with this model"
+        )
+    content = logprobs.get("content") or []
+    return list(content[0].get("top_logprobs") or []) if content else []
+
 
 def _token_logprobs(choice: Mapping[str, Any], ids: Sequence[int]) -> np.ndarray:
     """The log-probabilities of ``ids`` at the first generated position."""
@@ -239,15 +421,26 @@ def _generated_ids(choice: Mapping[str, Any]) -> list[int]:
     return [int(t) for t in ids]
 
 
+def api_of(spec: Any) -> str:
+    """The API a ``source: openai`` entry uses (``api``, default ``completions``)."""
+    api = spec.extra.get("api", "completions")
+    if api not in APIS:
+        raise ValueError(f"model_catalogue: {spec.name}: api must be one of {APIS}, not {api!r}")
+    return api
+
+
 def connect(
     spec: Any, tokenizer: Any, *, cache_dir: str | None = None, generation_eos: Any = None
-) -> OpenAIBackend:
+) -> OpenAIBackend | ChatBackend:
     """The backend of a ``source: openai`` catalogue entry (a :class:`ModelSpec`): the
     server checked first (it answers, it serves the model), the API key read from the
     variable ``api_key_env`` names. Answers are cached under ``cache_dir``, in a folder of
-    their own for each (server, model, model root, server version)."""
+    their own for each (server, model, model root, server version). ``api: chat`` gives a
+    :class:`ChatBackend` (its ``tokenizer`` is optional)."""
     extra = spec.extra
-    for key in ("base_url", "served_model", "tokenizer"):
+    api = api_of(spec)
+    needed = ("base_url", "served_model") + (("tokenizer",) if api == "completions" else ())
+    for key in needed:
         if not extra.get(key):
             raise ValueError(f"model_catalogue: {spec.name}: a source: openai entry needs {key}")
     api_key = None
@@ -270,4 +463,12 @@ def connect(
         identity = ("served_model", "model_root", "server_version")
         fingerprint = request_key(client.base_url, {k: info.get(k) for k in identity})
         client.cache_dir = Path(cache_dir) / fingerprint[:16]
+    if api == "chat":
+        return ChatBackend(
+            client,
+            info,
+            top_logprobs=int(extra.get("top_logprobs", TOP_LOGPROBS)),
+            template_kwargs=spec.chat_template_kwargs,
+            tokenizer=tokenizer,
+        )
     return OpenAIBackend(client, tokenizer, info, generation_eos=generation_eos)

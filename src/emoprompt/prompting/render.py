@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from emoprompt.prompting.prompt_file import PromptFile
@@ -27,6 +27,9 @@ class PromptParts:
 
     prefix: str  # shared text (system prompt + few-shot turns); may be ""
     suffix: str  # the tweet's own part, ending exactly where the answer begins
+    # The chat turns the text was rendered from (chat prompts only): what a server's
+    # chat-completions API is sent instead of the text.
+    messages: tuple[Mapping[str, str], ...] | None = field(default=None, compare=False)
 
     @property
     def text(self) -> str:
@@ -61,17 +64,28 @@ def render_chat(
 
     The prefix is the template rendered on the earlier messages alone. Where the
     template does not render them as a prefix of the whole (some templates do not), the
-    whole prompt becomes the suffix and nothing is shared.
+    whole prompt becomes the suffix and nothing is shared. Without a tokenizer (a hosted
+    chat API, whose template is the server's) the text is only a transcript of the
+    turns, for the records, and the messages are what is sent.
     """
+    turns = tuple(messages)
+    if tokenizer is None:
+        return PromptParts("", transcript(messages), turns)
     kwargs = dict(template_kwargs or {})
     full = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, **kwargs
     )
     head = tokenizer.apply_chat_template(messages[:-1], tokenize=False, **kwargs)
     if full.startswith(head):
-        return PromptParts(prefix=head, suffix=full[len(head) :])
+        return PromptParts(prefix=head, suffix=full[len(head) :], messages=turns)
     log.warning("chat template does not render a shared prefix; prompts are not shared")
-    return PromptParts(prefix="", suffix=full)
+    return PromptParts(prefix="", suffix=full, messages=turns)
+
+
+def transcript(messages: Sequence[Mapping[str, str]]) -> str:
+    """The turns as plain text (``role: content``), a prompt's record where no chat
+    template renders it."""
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def render_plain(prompt: PromptFile, tweet: str) -> PromptParts:
