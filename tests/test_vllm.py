@@ -157,7 +157,11 @@ def test_the_chat_api_runs_what_it_can_answer_and_agrees_with_the_engine(finishe
         agreement = (local["predicted"].to_numpy() == served["predicted"].to_numpy()).mean()
         assert agreement >= 0.9, (strategy, agreement)
         if strategy == "zero_shot_generate":  # the same template and greedy decoding
-            assert list(served["raw"]) == list(local["raw"])
+            # An answer cut by max_new_tokens inside a character: the engine decodes the
+            # partial bytes as U+FFFD, the server's text leaves them out.
+            assert [t.rstrip("\ufffd") for t in served["raw"]] == [
+                t.rstrip("\ufffd") for t in local["raw"]
+            ]
 
 
 def test_its_rows_and_mlflow_runs_are_those_of_any_model(finished_run):
