@@ -287,10 +287,10 @@ def _machine_speed(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def replace_block(text: str, block: str) -> str:
-    """``text`` with what lies between the markers replaced by ``block`` (the markers are
-    appended when missing); everything outside them is kept."""
-    start, end = MARKERS
+def replace_block(text: str, block: str, markers: tuple[str, str] = MARKERS) -> str:
+    """``text`` with what lies between the ``markers`` replaced by ``block`` (the markers
+    are appended when missing); everything outside them is kept."""
+    start, end = markers
     if start not in text or end not in text:
         text = f"{text.rstrip()}\n\n{start}\n{end}\n"
     head, rest = text.split(start, 1)

@@ -72,12 +72,59 @@ def layer_features(
 
     stack, final_norm = decoder_of(model)
     wanted = check_layers(layers, len(stack))
-    deepest = max(wanted)
     device = next(model.parameters()).device
     encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = {(layer, p): [None] * len(texts) for layer in wanted for p in POOLINGS}
+    bar = tqdm(
+        total=len(texts),
+        desc=progress,
+        unit="tweet",
+        disable=progress is None,
+        mininterval=5.0,
+        file=sys.stderr,
+    )
+    with (
+        bar,
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+    ):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[r, : len(encoded[i])] = 1
+            captured = states_after(model, wanted, ids.to(device), mask.to(device))
+            keep = mask.to(device)[..., None].float()
+            last = mask.sum(1) - 1
+            for layer in wanted:
+                states = captured[layer]
+                if layer == len(stack) and final_norm is not None:
+                    states = final_norm(states)  # as transformers' last hidden state
+                states = states.float()
+                mean = (states * keep).sum(1) / keep.sum(1)
+                final = states[torch.arange(len(rows)), last.to(device)]
+                for r, i in enumerate(rows):
+                    out[(layer, "mean")][i] = mean[r].cpu().numpy()
+                    out[(layer, "last")][i] = final[r].cpu().numpy()
+            bar.update(len(rows))
+    return {key: np.stack(rows).astype(np.float32) for key, rows in out.items()}
+
+
+def states_after(
+    model: Any,
+    layers: Sequence[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> dict[int, torch.Tensor]:
+    """The residual stream after each of ``layers`` (1 = after the first decoder layer),
+    for one padded batch: the forward stops after the deepest of them."""
+    stack, _ = decoder_of(model)
+    deepest = max(layers)
     captured: dict[int, torch.Tensor] = {}
 
     def hook_for(layer: int):
@@ -88,46 +135,11 @@ def layer_features(
 
         return hook
 
-    handles = [stack[layer - 1].register_forward_hook(hook_for(layer)) for layer in wanted]
-    bar = tqdm(
-        total=len(texts),
-        desc=progress,
-        unit="tweet",
-        disable=progress is None,
-        mininterval=5.0,
-        file=sys.stderr,
-    )
+    handles = [stack[layer - 1].register_forward_hook(hook_for(layer)) for layer in layers]
     try:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
-        ):
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[r, : len(encoded[i])] = 1
-                captured.clear()
-                with contextlib.suppress(_Enough):
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                keep = mask.to(device)[..., None].float()
-                last = mask.sum(1) - 1
-                for layer in wanted:
-                    states = captured[layer]
-                    if layer == len(stack) and final_norm is not None:
-                        states = final_norm(states)  # as transformers' last hidden state
-                    states = states.float()
-                    mean = (states * keep).sum(1) / keep.sum(1)
-                    final = states[torch.arange(len(rows)), last.to(device)]
-                    for r, i in enumerate(rows):
-                        out[(layer, "mean")][i] = mean[r].cpu().numpy()
-                        out[(layer, "last")][i] = final[r].cpu().numpy()
-                bar.update(len(rows))
+        with contextlib.suppress(_Enough):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-        bar.close()
-    return {key: np.stack(rows).astype(np.float32) for key, rows in out.items()}
+    return captured

@@ -55,6 +55,7 @@ from emoprompt.training.dataset import (
     plan_batches,
     select_training_set,
 )
+from emoprompt.training.frozen import frozen_plan, frozen_states
 from emoprompt.training.loop import Optimisation, Plan, first_answer_tokens, run_steps
 from emoprompt.training.lora import lora_model
 from emoprompt.training.settings import FinetuneSettings
@@ -222,6 +223,7 @@ def train(job: TrainingJob) -> dict[str, Any]:
         answers = list(data.answers.values())
         first_of = answer_first_tokens(loaded.tokenizer, data.spec, answers)
         opt.candidates = first_answer_tokens(plan.examples, answers, first_of)
+    frozen = compute_frozen(opt, plan, settings, quantization, job.model_name)
     log.info(
         "LoRA r=%d alpha=%d on %s: %d trainable parameters; %d steps of %d x %d tweets "
         "on %s (quantization %s)",
@@ -250,6 +252,7 @@ def train(job: TrainingJob) -> dict[str, Any]:
     )
     record = training_record(job, settings, data, plan, opt, state, quantization, started)
     record["end_token"] = end_token
+    record["frozen_states"] = frozen
     record = write_adapter(
         out_dir,
         model,
@@ -271,6 +274,44 @@ def train(job: TrainingJob) -> dict[str, Any]:
         record["final_loss"],
     )
     return record
+
+
+def compute_frozen(
+    opt: Optimisation, plan: Plan, settings: FinetuneSettings, quantization: str, name: str
+) -> dict[str, Any]:
+    """The frozen bottom layers' output for every training tweet, where the speed-up is
+    on (:mod:`~emoprompt.training.frozen`); what was done, for the record. It is computed
+    again on a resumed run, in the same fixed batches, so the states are the same."""
+    depth, why = frozen_plan(
+        opt.model,
+        settings.frozen_states,
+        opt.device.type,
+        quantization,
+        settings.gradient_checkpointing,
+    )
+    if not depth:
+        log.info("frozen states off: %s", why)
+        return {"layers": 0, "why_not": why}
+    tick = time.perf_counter()
+    opt.frozen = frozen_states(
+        opt.model,
+        plan.examples,
+        plan.pad_id,
+        depth,
+        autocast=opt.autocast,
+        batch_size=settings.batch_size,
+        desc=f"frozen layers of {name}",
+    )
+    opt.frozen_depth = depth
+    seconds = time.perf_counter() - tick
+    log.info(
+        "the %d frozen bottom layers computed once for %d tweets in %.1f s; each step runs "
+        "the layers above",
+        depth,
+        len(plan.examples),
+        seconds,
+    )
+    return {"layers": depth, "seconds": round(seconds, 1)}
 
 
 def validate_adapter(job: TrainingJob, settings: FinetuneSettings, folder: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -16,6 +17,7 @@ import torch
 
 from emoprompt.training.checkpoints import TrainingState
 from emoprompt.training.dataset import IGNORE, Example, collate
+from emoprompt.training.frozen import padded, top_layers
 from emoprompt.training.settings import FinetuneSettings
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,12 @@ def answer_loss(
     batch: Mapping[str, torch.Tensor],
     weights: torch.Tensor | None = None,
     candidates: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens (each weighted by its tweet's weight).
+
+    ``inputs_embeds`` replaces the token ids as the decoder's input (the frozen bottom
+    layers' output, :mod:`emoprompt.training.frozen`).
 
     The output layer runs only at the positions that predict an answer token
     (``logits_to_keep`` with a boolean mask), which saves most of a step's cost.
@@ -47,12 +53,13 @@ def answer_loss(
         predicts = torch.zeros_like(predicts)
         predicts[torch.arange(len(first)), first] = True
     targets = labels[:, 1:][predicts[:, :-1]]
+    inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     try:
         logits = model(
-            input_ids=ids, attention_mask=mask, logits_to_keep=predicts, use_cache=False
+            **inputs, attention_mask=mask, logits_to_keep=predicts, use_cache=False
         ).logits
     except TypeError:  # a model without logits_to_keep: all positions, then select
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[predicts]
+        logits = model(**inputs, attention_mask=mask, use_cache=False).logits[predicts]
     logits = logits.reshape(-1, logits.shape[-1]).float()
     if candidates is not None:
         logits = logits[:, candidates]
@@ -106,6 +113,15 @@ class Optimisation:
     device: torch.device
     autocast: bool  # bfloat16 autocast of the forward and backward passes
     candidates: torch.Tensor | None = None  # loss "labels": the answers' first tokens
+    # The frozen bottom layers' output per example, and how many layers that is (0: none).
+    frozen: list[torch.Tensor] | None = None
+    frozen_depth: int = 0
+
+    def _decoder(self):
+        """The layers a step runs: all, or those above the frozen ones."""
+        if self.frozen is None:
+            return contextlib.nullcontext()
+        return top_layers(self.model, self.frozen_depth)
 
     @classmethod
     def of(
@@ -133,12 +149,16 @@ class Optimisation:
             batch = {
                 k: v.to(self.device) for k, v in collate([examples[i] for i in rows], pad).items()
             }
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with (
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+                self._decoder(),
+            ):
                 loss = answer_loss(
                     self.model,
                     batch,
                     weights[rows].to(self.device),
                     None if self.candidates is None else self.candidates.to(self.device),
+                    None if self.frozen is None else padded([self.frozen[i] for i in rows]),
                 )
             (loss / len(micro)).backward()
             step_loss += loss.item() / len(micro)

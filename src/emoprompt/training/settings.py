@@ -44,6 +44,7 @@ class FinetuneSettings:
     quantization: str = "auto"  # auto: nf4 on CUDA with bitsandbytes, else none
     autocast: str = "auto"  # auto | bfloat16 | none: the matrix products of the steps
     gradient_checkpointing: bool = False
+    frozen_states: str = "auto"  # auto: the frozen bottom layers computed once, where proven
     checkpoint_minutes: float = 2.0
     checkpoint_steps: int | None = None  # also every N steps (tests)
     threads: int | str = "auto"  # torch CPU threads; auto: the job's
@@ -68,6 +69,7 @@ class FinetuneSettings:
             ("loss", LOSSES),
             ("quantization", ("auto", "none", "nf4")),
             ("autocast", AUTOCASTS),
+            ("frozen_states", ("auto", "off")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"finetune {name} must be one of {', '.join(allowed)}")
