@@ -187,6 +187,11 @@ def test_replace_block_keeps_the_text_around_it():
     new = replace_block(doc, "new table")
     assert new == doc.replace("old", "new table")
     assert replace_block("# B\n", "t").endswith("<!-- bench:start -->\nt\n<!-- bench:end -->\n")
+    # each benchmark has its own block: the fine-tuning one leaves the inference one be
+    both = replace_block(new, "ft", ("<!-- ft:start -->", "<!-- ft:end -->"))
+    assert both.startswith(new.rstrip())
+    assert both.endswith("<!-- ft:start -->\nft\n<!-- ft:end -->\n")
+    assert replace_block(both, "new table") == both
 
 
 def test_fast_paths_equal_the_plain_path_on_real_tweets(smollm2_dir, splits, tmp_path):
