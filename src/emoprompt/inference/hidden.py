@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,7 +74,6 @@ def layer_features(
     wanted = check_layers(layers, len(stack))
     device = next(model.parameters()).device
     encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = {(layer, p): [None] * len(texts) for layer in wanted for p in POOLINGS}
     bar = tqdm(
@@ -90,8 +89,7 @@ def layer_features(
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
     ):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in by_length([len(e) for e in encoded], batch_size):
             width = max(len(encoded[i]) for i in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -113,6 +111,14 @@ def layer_features(
                     out[(layer, "last")][i] = final[r].cpu().numpy()
             bar.update(len(rows))
     return {key: np.stack(rows).astype(np.float32) for key, rows in out.items()}
+
+
+def by_length(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar length: shortest first, ties in order (fixed, so
+    the same texts always meet the same batch shapes)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 def states_after(

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from emoprompt.inference.hidden import decoder_of, states_after
+from emoprompt.inference.hidden import by_length, decoder_of, states_after
 from emoprompt.training.dataset import Example, collate
 
 log = logging.getLogger(__name__)
@@ -88,16 +88,14 @@ def frozen_states(
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
     out: list[torch.Tensor | None] = [None] * len(examples)
     bar = tqdm(total=len(examples), desc=desc, unit="tweet", mininterval=5.0, file=sys.stderr)
     with (
         bar,
-        torch.no_grad(),
+        torch.no_grad(),  # not inference_mode: the states are inputs of the steps' graphs
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
     ):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in by_length([len(e.input_ids) for e in examples], batch_size):
             batch = collate([examples[i] for i in rows], pad_id)
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             states = states_after(model, [depth], ids, mask)[depth]
