@@ -339,10 +339,12 @@ def test_a_served_entry_is_checked_by_a_dry_run_and_a_chat_api_skips_label_likel
 
     result = dry_run({**served, "prompt_format": "chat"})
     assert result.returncode != 0
-    assert "model_catalogue: m is served (source: openai) and needs tokenizer" in result.stdout + result.stderr
+    message = result.stdout + result.stderr
+    assert "model_catalogue: m is served (source: openai) and needs tokenizer" in message
     result = dry_run({**served, "api": "chat", "prompt_format": "plain"})
     assert result.returncode != 0
-    assert "api: chat sends chat turns and needs prompt_format: chat" in result.stdout + result.stderr
+    message = result.stdout + result.stderr
+    assert "api: chat sends chat turns and needs prompt_format: chat" in message
     result = dry_run({**served, "api": "chat", "prompt_format": "chat"})  # no tokenizer: fine
     assert result.returncode == 0, result.stdout
     log = result.stdout + result.stderr
