@@ -9,6 +9,7 @@ import socket
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO, copy_workflow, run_snakemake
@@ -155,7 +156,16 @@ def test_the_chat_api_runs_what_it_can_answer_and_agrees_with_the_engine(finishe
         assert meta["backend"]["server_version"].startswith("0.")
         assert meta["prompt_token_limit"] is None  # no local tokenizer measured them
         agreement = (local["predicted"].to_numpy() == served["predicted"].to_numpy()).mean()
-        assert agreement >= 0.9, (strategy, agreement)
+        if "generate" in strategy:
+            assert agreement >= 0.9, (strategy, agreement)
+        else:
+            # The top 20 tokens, matched by text, approximate the engine's scores: labels
+            # outside them score 0, so close calls can flip (on 100 tweets: 95 and 98 of
+            # 100 the same, docs/serving.md); a broken matching would agree by chance.
+            assert agreement >= 0.7, (strategy, agreement)
+            assert "labels_absent" in meta["backend"] and meta["backend"]["unscored"] == 0
+            scores = served.filter(like="p_").to_numpy()
+            assert np.allclose(scores.sum(axis=1), 1.0)
         if strategy == "zero_shot_generate":  # the same template and greedy decoding
             # An answer cut by max_new_tokens inside a character: the engine decodes the
             # partial bytes as U+FFFD, the server's text leaves them out.
