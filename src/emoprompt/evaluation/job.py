@@ -170,10 +170,10 @@ def _remote(spec: ModelSpec, location: str, tokenizer, settings: Mapping[str, An
         generation_eos=generation_eos(location) if location else None,
     )
     served = backend.info.get("max_model_len")
-    if served or not location:
-        context = int(served) if served else None
+    if served:
+        context = int(served)
     else:
-        context = context_length(spec, location, tokenizer)
+        context = context_length(spec, location, tokenizer) if location else None
     info = {"device": "server", "dtype": None, **backend.info}
     return backend, info, context
 

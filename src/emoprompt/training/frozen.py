@@ -18,7 +18,6 @@ where that was shown (:func:`frozen_plan`) and nowhere else.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,8 +26,6 @@ import torch
 
 from emoprompt.inference.hidden import by_length, decoder_of, states_after
 from emoprompt.training.dataset import Example, collate
-
-log = logging.getLogger(__name__)
 
 #: Model types whose decoder takes the bottom layers' output as ``inputs_embeds`` unchanged
 #: (no embedding scale or other step between the embeddings and the first layer).
