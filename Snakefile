@@ -10,7 +10,6 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/grid_common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/predict.smk"
@@ -27,4 +26,4 @@ onstart:
 rule all:
     default_target: True
     input:
-        all_outputs(),
+        all_outputs(STUDY),

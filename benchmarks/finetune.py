@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
+from harness.measure import machine_info
+from harness.tables import replace_block
 
-from emoprompt.bench.measure import machine_info
-from emoprompt.bench.tables import replace_block
 from emoprompt.infra.files import atomic_open, write_json
+from emoprompt.plan import Study
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- bench-finetune:start -->", "<!-- bench-finetune:end -->")
@@ -36,23 +36,23 @@ MODES = ("off", "auto")  # the plain reference first
 
 
 def job_file(args: argparse.Namespace, mode: str, out: Path) -> Path:
-    config = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
-    entry = config["model_catalogue"][args.model]
+    study = Study.from_files(ROOT)
+    location = str(args.workdir / "data" / "models" / args.model)
+    entry = {**study.entry(args.model), "location": location}
     processed = args.workdir / "data" / "processed"
     job = {
         "model_name": args.model,
         "entry": entry,
-        "location": str(args.workdir / "data" / "models" / args.model),
         "train_path": str(processed / "train.tsv"),
         "held_out_paths": [str(processed / "validation.tsv"), str(processed / "test.tsv")],
         "validation_path": str(processed / "validation.tsv"),
         "finetuned_prompt_path": str(ROOT / "prompts" / "finetuned.yaml"),
         "zero_shot_prompt_path": str(ROOT / "prompts" / "zero_shot.yaml"),
-        "settings": {**config["finetune"], "frozen_states": mode},
+        "settings": {**study.config["finetune"], "frozen_states": mode},
         "out_dir": str(out / f"adapter-{mode}"),
         "threads": args.threads,
     }
-    for path in (job["location"], job["train_path"], *job["held_out_paths"]):
+    for path in (location, job["train_path"], *job["held_out_paths"]):
         if not Path(path).exists():
             raise SystemExit(f"{path} is missing: `make bench-finetune` prepares it")
     path = out / f"job-{mode}.json"

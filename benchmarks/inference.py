@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import yaml
+from harness.measure import BACKENDS, BENCH_TWEETS, METHODS, Case, run_case
 
-from emoprompt.bench.measure import BACKENDS, BENCH_TWEETS, METHODS, Case, run_case
 from emoprompt.evaluation.job import settings_from_config
 from emoprompt.inference.capabilities import SPEEDUPS
 

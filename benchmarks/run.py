@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from emoprompt.bench.measure import case_args, default_plan, machine_info
-from emoprompt.bench.tables import add_ratios, describe_run, render_markdown, replace_block
+from harness.measure import case_args, default_plan, machine_info
+from harness.tables import add_ratios, describe_run, render_markdown, replace_block
+
 from emoprompt.inference.serve import VllmServer, find_vllm, vllm_command, vllm_environment
 from emoprompt.infra.files import atomic_open, write_json
 

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"inference"},
     {"evaluation", "training"},
-    {"reporting", "tracking"},
+    {"reporting", "tracking", "plan"},
     {"bench"},
 ]
 

@@ -43,7 +43,6 @@ CPU_SPEC = {
     "quantization": "none",
     "allow_fallback": False,
     "revision": None,
-    "trust_remote_code": False,
 }
 
 # The Llama 3 pre-tokenizer split (as in llama_models/llama3/tokenizer.py).

@@ -122,8 +122,9 @@ def test_the_prediction_job_refuses_impossible_shots_before_loading_a_model(tmp_
     with pytest.raises(PromptError, match=r"few_shot.yaml: 'shots': 1000 shots asked"):
         run_prediction(
             model_name="absent",
-            entry={"source": "local", "prompt_format": "chat"},
-            location=str(tmp_path / "no-such-model"),  # loading it would fail differently
+            # loading it would fail differently
+            entry={"source": "local", "prompt_format": "chat",
+                   "location": str(tmp_path / "no-such-model")},
             strategy_name="few_shot_first_token",
             prompt_path=str(prompt),
             train_path=str(tmp_path / "data" / "processed" / "train.tsv"),
@@ -161,8 +162,8 @@ def _job(tmp_path: Path, model_dir: Path, train: Path, tweets: list[str], name: 
     family = "few_shot" if strategy.startswith("few_shot") else "zero_shot"
     run_prediction(
         model_name="smollm2-135m-instruct",
-        entry={"source": "local", "prompt_format": "chat", "dtype": "float32"},
-        location=str(model_dir),
+        entry={"source": "local", "prompt_format": "chat", "dtype": "float32",
+               "location": str(model_dir)},
         strategy_name=strategy,
         prompt_path=str(prompt or REPO / "prompts" / f"{family}.yaml"),
         train_path=str(train),

@@ -11,8 +11,7 @@ import random
 import pandas as pd
 import pytest
 from conftest import REPO
-
-from emoprompt.bench.measure import (
+from harness.measure import (
     NOTEBOOK,
     SERVES,
     BenchError,
@@ -23,7 +22,7 @@ from emoprompt.bench.measure import (
     run_case,
     vllm_plan,
 )
-from emoprompt.bench.tables import (
+from harness.tables import (
     add_ratios,
     describe_run,
     render_markdown,
@@ -31,6 +30,7 @@ from emoprompt.bench.tables import (
     speedup_gains,
     targets,
 )
+
 from emoprompt.data.prepare import Prepared, prepare
 from emoprompt.data.splits import read_split
 from emoprompt.inference.capabilities import SPEEDUPS

@@ -19,6 +19,7 @@ from emoprompt.evaluation.strategies import STRATEGIES, Settings
 from emoprompt.inference.remote import ChatBackend, connect, label_probs
 from emoprompt.infra.http import ServerError
 from emoprompt.labels import LABELS
+from emoprompt.models.catalogue import Catalogue, CatalogueError
 from emoprompt.models.spec import ModelSpec
 from emoprompt.prompting.prompt_file import load_prompt_file
 from emoprompt.prompting.render import chat_messages, render
@@ -86,7 +87,8 @@ def hosted():
 
 def backend(url, tmp_path=None, **entry) -> ChatBackend:
     spec = ModelSpec.of(
-        {"source": "openai", "api": "chat", "base_url": url, "served_model": MODEL, **entry},
+        {"source": "openai", "api": "chat", "base_url": url, "served_model": MODEL,
+         "prompt_format": "chat", **entry},
         name="hosted",
     )
     return connect(spec, None, cache_dir=str(tmp_path) if tmp_path else None)
@@ -167,11 +169,11 @@ def test_label_likelihood_is_refused_with_the_reason_before_any_request(hosted):
 
 def test_an_entry_without_a_tokenizer_needs_the_chat_api(hosted):
     url, _ = hosted
-    spec = ModelSpec.of({"source": "openai", "base_url": url, "served_model": MODEL}, "x")
-    with pytest.raises(ValueError, match="needs tokenizer"):
-        connect(spec, None)
-    with pytest.raises(ValueError, match="api must be one of"):
-        backend(url, api="grpc")
+    entry = {"source": "openai", "base_url": url, "served_model": MODEL, "prompt_format": "chat"}
+    with pytest.raises(CatalogueError, match=r"x is served .* needs tokenizer"):
+        Catalogue({"x": entry})
+    with pytest.raises(CatalogueError, match=r"x: api = 'grpc': Input should be 'completions'"):
+        Catalogue({"x": {**entry, "api": "grpc"}})
     plain = load_prompt_file("prompts/finetuned.yaml", "finetuned")
     with pytest.raises(ValueError, match="plain prompts"):
         backend(url).generate([render(plain, "nada")])

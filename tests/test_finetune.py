@@ -344,8 +344,8 @@ def _job(tmp_path: Path, tiny_llama_dir: Path, out: str = "tiny-ft", **settings)
     write_split(test, tmp_path / "test.tsv")
     job = {
         "model_name": "tiny",
-        "entry": {"source": "local", "path": str(tiny_llama_dir), "prompt_format": "chat"},
-        "location": str(tiny_llama_dir),
+        "entry": {"source": "local", "path": str(tiny_llama_dir), "prompt_format": "chat",
+                  "location": str(tiny_llama_dir)},
         "train_path": str(tmp_path / "train.tsv"),
         "held_out_paths": [str(tmp_path / "validation.tsv"), str(tmp_path / "test.tsv")],
         "validation_path": str(tmp_path / "validation.tsv"),

@@ -202,14 +202,15 @@ def test_the_few_shot_seed_of_a_grid_changes_the_shots(tmp_path: Path, tiny_llam
     pd.DataFrame(rows[:36]).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
     pd.DataFrame(rows[36:38]).to_csv(tmp_path / "sample.tsv", sep="\t", index=False)
     entry = {"source": "local", "path": str(tiny_llama_dir), "prompt_format": "chat",
-             "dtype": "float32", "quantization": "none", "allow_fallback": False}
+             "dtype": "float32", "quantization": "none", "allow_fallback": False,
+             "location": str(tiny_llama_dir)}
     shots = {}
     for seed in (None, 0, 1):
         settings = {"fallback_label": "Otras", "engine": {"batch_size": 2, "threads": 1}}
         if seed is not None:
             settings["fewshot_seed"] = seed
         out = tmp_path / f"seed{seed}"
-        run_prediction(model_name="tiny", entry=entry, location=str(tiny_llama_dir),
+        run_prediction(model_name="tiny", entry=entry,
                        strategy_name="few_shot_first_token",
                        prompt_path=str(REPO / "prompts" / "few_shot.yaml"),
                        train_path=str(tmp_path / "train.tsv"),

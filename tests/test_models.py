@@ -43,7 +43,6 @@ SPEC = {
     "quantization": "none",
     "allow_fallback": False,
     "revision": None,
-    "trust_remote_code": False,
 }
 NF4 = {**SPEC, "dtype": "bfloat16", "quantization": "nf4"}
 HAVE_NF4 = torch.cuda.is_available() and is_bitsandbytes_available()
@@ -236,7 +235,6 @@ def test_nf4_really_loads_in_4bit_and_runs(tiny_llama_dir, llama3_tokenizer):
     [
         ({"dtype": "float8"}, "unknown dtype"),
         ({"quantization": "int4"}, "unknown quantization"),
-        ({"trust_remote_code": True}, "trust_remote_code must be false"),
     ],
 )
 def test_bad_catalogue_entries_are_refused(change, message):

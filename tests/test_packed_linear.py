@@ -166,14 +166,14 @@ def test_the_engine_setting_turns_packing_off(tmp_path, tiny_llama_dir):
     ]  # fmt: skip
     pd.DataFrame(rows).to_csv(tmp_path / "split.tsv", sep="\t", index=False)
     entry = {"source": "local", "path": str(tiny_llama_dir), "prompt_format": "chat",
-             "dtype": "float32", "quantization": "none", "allow_fallback": False}  # fmt: skip
+             "dtype": "float32", "quantization": "none", "allow_fallback": False,
+             "location": str(tiny_llama_dir)}  # fmt: skip
     used = {}
     for packed in (True, False):
         out = tmp_path / str(packed)
         run_prediction(
             model_name="tiny",
             entry=entry,
-            location=str(tiny_llama_dir),
             strategy_name="zero_shot_first_token",
             prompt_path=str(repo / "prompts" / "zero_shot.yaml"),
             train_path=str(tmp_path / "split.tsv"),

@@ -14,8 +14,8 @@ rule metrics:
     log:
         "logs/metrics/{model}/{strategy}.log",
     wildcard_constraints:
-        model=aggregate_model_pattern(),
-        strategy=aggregate_strategy_pattern(),
+        model=STUDY.aggregate_model_pattern(),
+        strategy=STUDY.aggregate_strategy_pattern(),
     conda:
         "../envs/report.yaml"
     params:
@@ -26,8 +26,8 @@ rule metrics:
 
 rule compare:
     input:
-        predictions=comparison_predictions(),
-        metrics=metrics_outputs(),
+        predictions=STUDY.prediction_files("tsv"),
+        metrics=STUDY.metrics_outputs(),
     output:
         md=report(
             "results/comparisons.md",
@@ -58,9 +58,9 @@ rule compare:
     conda:
         "../envs/report.yaml"
     params:
-        pairs=tracked_pairs,
-        baseline=comparison_baseline,
-        families=model_families,
+        pairs=STUDY.tracked_pairs(),
+        baseline=STUDY.comparison_baseline(),
+        families=STUDY.model_families(),
         statistics=config["statistics"],
     script:
         "../scripts/compare.py"
@@ -68,7 +68,7 @@ rule compare:
 
 rule results_table:
     input:
-        metrics=metrics_outputs(),
+        metrics=STUDY.metrics_outputs(),
         comparisons="results/comparisons.csv",
     output:
         md=report(
@@ -88,7 +88,7 @@ rule results_table:
     conda:
         "../envs/report.yaml"
     params:
-        models=table_models,
+        models=STUDY.table_models(),
         statistics=config["statistics"],
     script:
         "../scripts/results_table.py"
@@ -96,7 +96,7 @@ rule results_table:
 
 rule track:
     input:
-        unpack(track_inputs),
+        unpack(lambda w: STUDY.track_inputs()),
     output:
         runs="results/mlflow_runs.tsv",
     log:
@@ -104,9 +104,9 @@ rule track:
     conda:
         "../envs/report.yaml"
     params:
-        pairs=tracked_pairs,
-        trained=trained_adapter_models,
-        sample=sample_settings,
+        pairs=STUDY.tracked_pairs(),
+        trained=list(STUDY.trained_adapters()),
+        sample=STUDY.sample_settings(),
         experiment=config["mlflow_experiment"],
         timeout=config["mlflow_timeout"],
         retries=config["mlflow_retries"],

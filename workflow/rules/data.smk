@@ -1,6 +1,6 @@
 rule download:
     input:
-        local_source(),
+        STUDY.local_source(),
     output:
         data=raw_data_output(),
         provenance="data/raw/provenance.json",
@@ -19,7 +19,7 @@ rule download:
 
 rule prepare:
     input:
-        raw_data_path(),
+        STUDY.raw_data_path(),
     output:
         train="data/processed/train.tsv",
         validation="data/processed/validation.tsv",

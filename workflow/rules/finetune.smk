@@ -1,6 +1,6 @@
 rule finetune:
     input:
-        unpack(finetune_inputs),
+        unpack(lambda w: STUDY.finetune_inputs(w.model)),
     output:
         adapter=directory("data/models/{model}-ft"),
         figure=report(
@@ -14,15 +14,14 @@ rule finetune:
     benchmark:
         "results/benchmarks/finetune/{model}.tsv"
     wildcard_constraints:
-        model=trainable_model_pattern(),
+        model=STUDY.trainable_pattern(),
     conda:
         "../envs/llm.yaml"
     threads: all_cores()
     resources:
         gpu=1,
     params:
-        location=model_location,
-        entry=model_params,
-        settings=finetune_settings,
+        entry=model_entry,
+        settings=config["finetune"],
     script:
         "../scripts/finetune.py"

@@ -1,5 +1,5 @@
 # Study grids (config sample_seeds / fewshot_seeds): the sample, prediction, scoring and
-# tracking rules once more, with the seeds in their paths (helpers in grid_common.smk). A
+# tracking rules once more, with the seeds in their paths (emoprompt.plan.grid). A
 # default single-seed run uses none of these rules.
 
 
@@ -15,12 +15,12 @@ use rule sample as sample_grid with:
     log:
         "logs/grid/sample_seed={sample_seed}/sample.log",
     params:
-        seed=grid_sample_seed,
+        seed=lambda w: int(w.sample_seed),
 
 
 use rule predict as predict_grid with:
     input:
-        unpack(grid_predict_inputs),
+        unpack(lambda w: GRID.predict_inputs(w.model, w.strategy, w.sample_seed)),
     output:
         tsv=grid_path("results/grid", "predictions/{model}/{strategy}.tsv"),
         json=grid_path("results/grid", "predictions/{model}/{strategy}.json"),
@@ -29,7 +29,7 @@ use rule predict as predict_grid with:
     benchmark:
         grid_path("results/benchmarks/grid", "predict/{model}/{strategy}.tsv")
     params:
-        settings=grid_predict_settings,
+        settings=lambda w: GRID.predict_settings(w.model, w.strategy, w.sample_seed, w.fewshot_seed),
 
 
 use rule baseline as baseline_grid with:
@@ -44,12 +44,12 @@ use rule baseline as baseline_grid with:
     benchmark:
         grid_path("results/benchmarks/grid", "predict/baseline/baseline_tfidf.tsv", NO_SHOTS)
     params:
-        seed=grid_sample_seed,
+        seed=lambda w: int(w.sample_seed),
 
 
 use rule probe as probe_grid with:
     input:
-        unpack(grid_probe_inputs),
+        unpack(lambda w: GRID.probe_inputs(w.model, w.sample_seed)),
     output:
         tsv=grid_path("results/grid", "predictions/{model}/linear_probe.tsv", NO_SHOTS),
         json=grid_path("results/grid", "predictions/{model}/linear_probe.json", NO_SHOTS),
@@ -58,7 +58,7 @@ use rule probe as probe_grid with:
     benchmark:
         grid_path("results/benchmarks/grid", "predict/{model}/linear_probe.tsv", NO_SHOTS)
     params:
-        settings=grid_probe_settings,
+        settings=lambda w: GRID.probe_settings(w.sample_seed),
 
 
 use rule metrics as metrics_grid with:
@@ -74,8 +74,8 @@ use rule metrics as metrics_grid with:
 
 rule grid_table:
     input:
-        metrics=grid_metrics_outputs(),
-        predictions=grid_files("predictions", "{model}/{strategy}.tsv"),
+        metrics=GRID.metrics_outputs(),
+        predictions=GRID.files("predictions", "{model}/{strategy}.tsv"),
     output:
         md=report(
             "results/grid_table.md",
@@ -107,9 +107,9 @@ rule grid_table:
     conda:
         "../envs/report.yaml"
     params:
-        models=table_models,
-        runs=grid_run_names,
-        baseline=comparison_baseline,
+        models=STUDY.table_models(),
+        runs=GRID.run_names(),
+        baseline=STUDY.comparison_baseline(),
         statistics=config["statistics"],
     script:
         "../scripts/grid_table.py"
@@ -117,11 +117,11 @@ rule grid_table:
 
 use rule track as track_grid with:
     input:
-        unpack(grid_track_inputs),
+        unpack(lambda w: GRID.track_inputs()),
     output:
         runs="results/grid/mlflow_runs.tsv",
     log:
         "logs/grid/track.log",
     params:
-        pairs=grid_tracked_pairs,
-        samples=grid_tracked_samples,
+        pairs=GRID.tracked_pairs(),
+        samples=GRID.tracked_samples(),

@@ -4,11 +4,11 @@ rule convert_model:
     log:
         "logs/convert_model/{model}.log",
     wildcard_constraints:
-        model=embedded_model_pattern(),
+        model=STUDY.embedded_pattern(),
     conda:
         "../envs/llm.yaml"
     params:
-        gguf=gguf_source,
+        gguf=lambda w: STUDY.gguf_source(w.model),
     script:
         "../scripts/convert_model.py"
 
@@ -26,7 +26,6 @@ rule inspect_model:
     conda:
         "../envs/llm.yaml"
     params:
-        location=model_location,
-        entry=model_params,
+        entry=model_entry,
     script:
         "../scripts/inspect_model.py"

@@ -1,6 +1,6 @@
 rule predict:
     input:
-        unpack(predict_inputs),
+        unpack(lambda w: STUDY.predict_inputs(w.model, w.strategy)),
     output:
         tsv="results/predictions/{model}/{strategy}.tsv",
         json="results/predictions/{model}/{strategy}.json",
@@ -14,16 +14,15 @@ rule predict:
     resources:
         gpu=1,
     params:
-        location=model_location,
-        entry=model_params,
-        settings=predict_settings,
+        entry=model_entry,
+        settings=lambda w: STUDY.predict_settings(w.model, w.strategy),
     script:
         "../scripts/predict.py"
 
 
 rule probe:
     input:
-        unpack(probe_inputs),
+        unpack(lambda w: STUDY.probe_inputs(w.model)),
     output:
         tsv="results/predictions/{model}/linear_probe.tsv",
         json="results/predictions/{model}/linear_probe.json",
@@ -37,9 +36,8 @@ rule probe:
     resources:
         gpu=1,
     params:
-        location=model_location,
-        entry=model_params,
-        settings=probe_settings,
+        entry=model_entry,
+        settings=STUDY.probe_settings(),
     script:
         "../scripts/probe.py"
 

@@ -16,7 +16,6 @@ def main(snakemake) -> None:
             TrainingJob(
                 model_name=snakemake.wildcards.model,
                 entry=dict(snakemake.params.entry),
-                location=snakemake.params.location,
                 train_path=snakemake.input.train,
                 held_out_paths=[snakemake.input.validation, snakemake.input.test],
                 validation_path=snakemake.input.validation,

@@ -13,7 +13,6 @@ def main(snakemake) -> None:
         write_inspection(
             model_name=snakemake.wildcards.model,
             entry=snakemake.params.entry,
-            location=snakemake.params.location,
             sample_path=snakemake.input.sample,
             prompt_path=snakemake.input.prompt,
             finetuned_prompt_path=snakemake.input.finetuned_prompt,

@@ -15,7 +15,6 @@ def main(snakemake) -> None:
         run_prediction(
             model_name=snakemake.wildcards.model,
             entry=snakemake.params.entry,
-            location=snakemake.params.location,
             strategy_name=snakemake.wildcards.strategy,
             prompt_path=snakemake.input.prompt,
             train_path=snakemake.input.train,

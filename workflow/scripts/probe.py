@@ -15,7 +15,6 @@ def main(snakemake) -> None:
         run_probe_job(
             model_name=snakemake.wildcards.model,
             entry=snakemake.params.entry,
-            location=snakemake.params.location,
             train_path=snakemake.input.train,
             validation_path=snakemake.input.validation,
             sample_path=snakemake.input.sample,

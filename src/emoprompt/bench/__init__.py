@@ -1,1 +1,2 @@
-"""The inference benchmark behind BENCHMARKS.md: measurements and their tables."""
+"""The conformance matrix: the engine against the plain reference on tiny models of
+every architecture the capability table covers."""

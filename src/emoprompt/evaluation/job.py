@@ -47,7 +47,6 @@ def run_prediction(
     *,
     model_name: str,
     entry: Mapping[str, Any],
-    location: str,
     strategy_name: str,
     prompt_path: str,
     train_path: str,
@@ -67,6 +66,7 @@ def run_prediction(
     engine_settings = settings.get("engine") or {}
     threads = configure_cpu(engine_settings.get("threads", "auto"), job_threads)
     spec = ModelSpec.of(entry)
+    location = spec.location
     prompt = _job_prompt(strategy, prompt_path, settings, spec)
     train, sample = read_split(train_path), read_split(sample_path)
     run_settings = settings_from_config(settings)
@@ -207,7 +207,6 @@ def run_probe_job(
     *,
     model_name: str,
     entry: Mapping[str, Any],
-    location: str,
     train_path: str,
     validation_path: str,
     sample_path: str,
@@ -233,7 +232,8 @@ def run_probe_job(
         subset=probe.subset,
         seed=probe.seed,
     )
-    loaded = load_model(ModelSpec.of(entry), location)
+    spec = ModelSpec.of(entry)
+    loaded = load_model(spec, spec.location)
     log.info(
         "%s / linear_probe: %d training, %d validation, %d sample tweets, %d threads",
         model_name,

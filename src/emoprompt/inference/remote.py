@@ -50,10 +50,6 @@ from emoprompt.prompting.render import PromptParts
 
 COMPLETIONS = "/completions"
 CHAT = "/chat/completions"
-#: The APIs a ``source: openai`` entry may use (``api``): token ids, or chat turns.
-APIS = ("completions", "chat")
-#: Top log-probabilities asked for by default in chat mode (OpenAI's API allows 20).
-TOP_LOGPROBS = 20
 
 
 def server_info(client: JsonClient, served_model: str) -> dict[str, Any]:
@@ -244,7 +240,7 @@ class ChatBackend(Backend):
         client: JsonClient,
         info: Mapping[str, Any],
         *,
-        top_logprobs: int = TOP_LOGPROBS,
+        top_logprobs: int,
         template_kwargs: Mapping[str, Any] | None = None,
         tokenizer: Any = None,
     ) -> None:
@@ -421,53 +417,43 @@ def _generated_ids(choice: Mapping[str, Any]) -> list[int]:
     return [int(t) for t in ids]
 
 
-def api_of(spec: Any) -> str:
-    """The API a ``source: openai`` entry uses (``api``, default ``completions``)."""
-    api = spec.extra.get("api", "completions")
-    if api not in APIS:
-        raise ValueError(f"model_catalogue: {spec.name}: api must be one of {APIS}, not {api!r}")
-    return api
-
-
 def connect(
     spec: Any, tokenizer: Any, *, cache_dir: str | None = None, generation_eos: Any = None
 ) -> OpenAIBackend | ChatBackend:
-    """The backend of a ``source: openai`` catalogue entry (a :class:`ModelSpec`): the
-    server checked first (it answers, it serves the model), the API key read from the
-    variable ``api_key_env`` names. Answers are cached under ``cache_dir``, in a folder of
-    their own for each (server, model, model root, server version). ``api: chat`` gives a
-    :class:`ChatBackend` (its ``tokenizer`` is optional)."""
-    extra = spec.extra
-    api = api_of(spec)
-    needed = ("base_url", "served_model") + (("tokenizer",) if api == "completions" else ())
-    for key in needed:
-        if not extra.get(key):
-            raise ValueError(f"model_catalogue: {spec.name}: a source: openai entry needs {key}")
+    """The backend of a ``source: openai`` catalogue entry (a :class:`ModelSpec` whose
+    ``served`` holds the entry's checked settings): the server checked first (it answers,
+    it serves the model), the API key read from the variable ``api_key_env`` names.
+    Answers are cached under ``cache_dir``, in a folder of their own for each (server,
+    model, model root, server version). ``api: chat`` gives a :class:`ChatBackend` (its
+    ``tokenizer`` is optional)."""
+    served = spec.served
+    if served is None:
+        raise ValueError(f"model_catalogue: {spec.name} is not a served (source: openai) entry")
     api_key = None
-    if extra.get("api_key_env"):
-        api_key = os.environ.get(extra["api_key_env"])
+    if served.api_key_env:
+        api_key = os.environ.get(served.api_key_env)
         if not api_key:
             raise ServerError(
                 f"model_catalogue: {spec.name}: the environment variable "
-                f"{extra['api_key_env']} (api_key_env) is not set"
+                f"{served.api_key_env} (api_key_env) is not set"
             )
     client = JsonClient(
-        extra["base_url"],
+        served.base_url,
         api_key=api_key,
-        timeout=float(extra.get("timeout", 120)),
-        retries=int(extra.get("retries", 4)),
-        max_concurrency=int(extra.get("max_concurrency", 8)),
+        timeout=float(served.timeout),
+        retries=served.retries,
+        max_concurrency=served.max_concurrency,
     )
-    info = server_info(client, extra["served_model"])
+    info = server_info(client, served.served_model)
     if cache_dir:
         identity = ("served_model", "model_root", "server_version")
         fingerprint = request_key(client.base_url, {k: info.get(k) for k in identity})
         client.cache_dir = Path(cache_dir) / fingerprint[:16]
-    if api == "chat":
+    if served.api == "chat":
         return ChatBackend(
             client,
             info,
-            top_logprobs=int(extra.get("top_logprobs", TOP_LOGPROBS)),
+            top_logprobs=served.top_logprobs,
             template_kwargs=spec.chat_template_kwargs,
             tokenizer=tokenizer,
         )

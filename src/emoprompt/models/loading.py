@@ -281,16 +281,13 @@ def load_model(
 
     ``spec`` (a :class:`ModelSpec` or a catalogue entry): ``dtype``
     (float32|bfloat16|float16|auto), ``quantization`` (none|nf4), ``allow_fallback``
-    (load unquantized when NF4 cannot run), ``revision``, ``trust_remote_code`` (must be
-    false) and optionally ``name``. A hub token is read from ``HF_TOKEN`` or
+    (load unquantized when NF4 cannot run), ``revision`` and optionally ``name``; code
+    from a model repository never runs. A hub token is read from ``HF_TOKEN`` or
     ``HUGGING_FACE_HUB_TOKEN``; it is passed to the hub and kept out of the result and
     the logs. An entry with ``source: finetuned`` also names ``adapter`` (a peft
     folder): ``path_or_id`` is then its base model, and the adapter is applied on top.
     """
     spec = ModelSpec.of(spec)
-    if spec.trust_remote_code:
-        # Running code from a model repository is outside what this project audits.
-        raise ModelLoadError(f"{path_or_id}: trust_remote_code must be false")
     device = device or default_device()
     weights, fallback = _weights_kwargs(spec, path_or_id, device)
     started = time.perf_counter()

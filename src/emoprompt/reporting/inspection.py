@@ -114,7 +114,6 @@ def write_inspection(
     *,
     model_name: str,
     entry: Mapping[str, Any],
-    location: str,
     sample_path: str,
     prompt_path: str,
     finetuned_prompt_path: str,
@@ -124,7 +123,7 @@ def write_inspection(
     from emoprompt.models.loading import load_model
 
     spec = ModelSpec.of(entry)
-    loaded = load_model(spec, location)
+    loaded = load_model(spec, spec.location)
     tweet = read_split(sample_path)["tweet"].iloc[0]
     if spec.prompt_format == "plain":
         prompt = load_prompt_file(finetuned_prompt_path, "finetuned")

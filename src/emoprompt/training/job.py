@@ -70,8 +70,7 @@ class TrainingJob:
     """Everything one fine-tuning needs (the finetune rule's inputs, params, outputs)."""
 
     model_name: str
-    entry: Mapping[str, Any]  # the base model's catalogue entry
-    location: str  # folder or hub id of the base model
+    entry: Mapping[str, Any]  # the base model's serialised catalogue entry
     train_path: str
     held_out_paths: Sequence[str]  # the validation and test splits: their ids never train
     finetuned_prompt_path: str
@@ -83,6 +82,11 @@ class TrainingJob:
     threads: int | None = None
     device: str | None = None
     validation_path: str | None = None  # scored with the finished adapter (first token)
+
+    @property
+    def location(self) -> str:
+        """The folder or hub id of the base model."""
+        return ModelSpec.of(self.entry).location
 
 
 @dataclass
@@ -334,7 +338,6 @@ def validate_adapter(job: TrainingJob, settings: FinetuneSettings, folder: Path)
     result = run_prediction(
         model_name=f"{job.model_name}-ft",
         entry=entry,
-        location=job.location,
         strategy_name=strategy,
         prompt_path=job.zero_shot_prompt_path if chat else job.finetuned_prompt_path,
         train_path=job.train_path,

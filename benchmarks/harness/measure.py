@@ -9,7 +9,7 @@ every case a process of its own, so that peak memory and warm caches belong to t
 alone) and returns its row; :func:`compare` checks a row's predictions against those of
 the plain reference backend (:class:`emoprompt.inference.reference.ReferenceBackend`:
 one forward pass per prompt and label, transformers' ``generate``);
-:func:`emoprompt.bench.tables.render_markdown` writes the tables of ``BENCHMARKS.md``.
+:func:`harness.tables.render_markdown` writes the tables of ``BENCHMARKS.md``.
 
 The notebook's way is reimplemented as the notebook ran it: a ``text-generation``
 pipeline called once per tweet with the chat messages of the zero-shot prompt, greedy,
@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from harness.served import reset_server_cache, served_backend
 
-from emoprompt.bench.served import reset_server_cache, served_backend
 from emoprompt.evaluation.predictions import score_columns
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from emoprompt.bench.measure import BENCH_SEED, GAUGE_SHAPE, NOTEBOOK, SERVES, WARMUP_TWEETS
+from harness.measure import BENCH_SEED, GAUGE_SHAPE, NOTEBOOK, SERVES, WARMUP_TWEETS
+
 from emoprompt.inference.capabilities import SPEEDUPS
 
 #: A speed-up stays where it makes its strategy at least this much faster.
