@@ -77,7 +77,7 @@ def run_prediction(
         check_calibration(prompt, strategy.method == "label_likelihood" and run_settings.calibrate)
     # A chat API without a local tokenizer (a hosted model) has no location.
     tokenizer = load_tokenizer(spec, location) if location else None
-    if spec.source == "openai":  # a server: checked before any prompt is built
+    if spec.served is not None:  # a server: checked before any prompt is built
         engine, info, context = _remote(spec, location, tokenizer, settings)
         batch_size = engine.client.max_concurrency
     else:
@@ -87,7 +87,7 @@ def run_prediction(
         fitted = unmeasured(sample)
     else:
         fitted = fit_to_context(strategy, prompt, tokenizer, train, sample, run_settings, context)
-    if spec.source != "openai":
+    if spec.served is None:
         loaded = load_model(spec, location)
         engine, batch_size = _engine(loaded, engine_settings)
         tokenizer, info = loaded.tokenizer, loaded.info

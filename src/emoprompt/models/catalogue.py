@@ -207,9 +207,14 @@ ENTRY_TYPES: dict[str, type[_Entry]] = {
 _ENTRY = TypeAdapter(Entry)
 
 
-def _problem(name: str, error: ValidationError) -> str:
+def _problem(name: str, values: Mapping[str, Any], error: ValidationError) -> str:
     """The first problem of an entry, in one line naming the entry and the key."""
     first = error.errors()[0]
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return (
+            f"model_catalogue: {name}: source = {values.get('source')!r}: must be one of "
+            + ", ".join(ENTRY_TYPES)
+        )
     key = ".".join(str(p) for p in first["loc"][1:]) or "source"
     kind, value = first["type"], first.get("input")
     if kind == "extra_forbidden":
@@ -226,7 +231,7 @@ def parse_entry(name: str, values: Mapping[str, Any]) -> _Entry:
     try:
         return _ENTRY.validate_python(dict(values))
     except ValidationError as exc:
-        raise CatalogueError(_problem(name, exc)) from None
+        raise CatalogueError(_problem(name, values, exc)) from None
 
 
 class Catalogue:
