@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 class ProbeSettings:
     """The ``probe:`` section of the config (candidates are lists)."""
 
-    layers: tuple[int, ...] = (20,)
+    layers: tuple[int, ...] = (20, 24)
     pooling: tuple[str, ...] = ("mean",)
     C: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     train_size: int | str = 1500
