@@ -53,7 +53,7 @@ def write_adapter(
     ``validate``, given the finished folder before it takes its place, scores the adapter
     (on the validation split); its result goes into the record as ``validation``, so an
     adapter never appears without its score. Returns the record as written."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     record = dict(record)
     with atomic_path(out_dir) as tmp:
@@ -62,7 +62,9 @@ def write_adapter(
         pd.DataFrame(history).to_csv(tmp / LOSS_FILE, sep="\t", index=False, lineterminator="\n")
         (tmp / TRAIN_IDS_FILE).write_text("\n".join(train_ids) + "\n", encoding="utf-8")
         plot_loss(history, tmp / LOSS_FIGURE, title)
-        if not load_file(str(tmp / WEIGHTS)):
+        with safe_open(str(tmp / WEIGHTS), framework="numpy") as weights:
+            empty = not list(weights.keys())
+        if empty:
             raise RuntimeError("the saved adapter holds no weights")
         if validate is not None:
             record["validation"] = dict(validate(tmp))
