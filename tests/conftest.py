@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from emoevales_copy import NoCopy, data_copy
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -18,11 +18,12 @@ pytest_plugins = ("fixtures_models",)
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The local copy of EmoEvalEs (the zip and the TSVs); EMOEVALES_DIR overrides."""
-    path = Path(os.environ.get("EMOEVALES_DIR", REPO.parent / "shared" / "data" / "emoevales"))
-    if not (path / "emoeval_data.zip").is_file():
-        pytest.fail(f"EmoEvalEs copy not found at {path}; set EMOEVALES_DIR", pytrace=False)
-    return path
+    """A copy of EmoEvalEs (the zip and the TSVs): EMOEVALES_DIR, a local copy, or the
+    product's download of the configured source into .cache/ (tests/emoevales_copy.py)."""
+    try:
+        return data_copy(REPO)
+    except NoCopy as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture
