@@ -96,22 +96,6 @@ def _splits(workflow: Path, n: int = 40) -> pd.DataFrame:
     return frame
 
 
-def test_with_the_splits_a_dry_run_checks_ids_and_shot_counts_against_them(workflow_dir):
-    _splits(workflow_dir)
-    prompt = workflow_dir / "prompts" / "few_shot.yaml"
-    text = prompt.read_text()
-    prompt.write_text(
-        text.replace("selection: random", "selection: manual").replace(
-            "manual_ids: []", "manual_ids: [t1, t2, t3, t4, t5, t6, t7, t8, t9, t35]"
-        )
-    )
-    message = "\n".join(dry_run_error(workflow_dir))
-    assert "prompts/few_shot.yaml: 'manual_ids'" in message and "t35" in message
-    prompt.write_text(text.replace("shots: 10", "shots: 31"))
-    message = "\n".join(dry_run_error(workflow_dir))
-    assert "'shots': 31 shots asked but only 30 train tweets are available" in message
-
-
 def test_the_prediction_job_refuses_impossible_shots_before_loading_a_model(tmp_path):
     frame = _splits(tmp_path)
     prompt = tmp_path / "few_shot.yaml"

@@ -22,6 +22,7 @@ import requests
 from tqdm import tqdm
 
 from emoprompt.data.splits import DataError, locate_splits
+from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ DEFAULT_URL = (
 _RETRYABLE_STATUS = {408, 425, 429}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """The data could not be fetched or did not verify; the message says why."""
 
 

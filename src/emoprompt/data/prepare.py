@@ -9,15 +9,19 @@ record of their ids.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from emoprompt.data.leaks import Rows, split_leaks
 from emoprompt.data.sampling import sample_indices
-from emoprompt.data.splits import DataError, locate_splits, parse_split, write_split
+from emoprompt.data.splits import locate_splits, parse_split, write_split
 from emoprompt.infra.files import atomic_open
+
+log = logging.getLogger(__name__)
 
 
 def split_validation(
@@ -57,8 +61,10 @@ class Prepared:
     def in_folder(cls, folder: str | os.PathLike[str]) -> Prepared:
         """The workflow's names inside ``folder``: train/validation/test.tsv, split_ids.json."""
         folder = Path(folder)
-        return cls(*(folder / f"{n}.tsv" for n in ("train", "validation", "test")),
-                   folder / "split_ids.json")
+        return cls(
+            *(folder / f"{n}.tsv" for n in ("train", "validation", "test")),
+            folder / "split_ids.json",
+        )
 
 
 def prepare(
@@ -80,11 +86,15 @@ def prepare(
     frames = {name: parse_split(split) for name, split in splits.items()}
     rest, validation = split_validation(frames["train"], validation_size, seed)
     parts = {"train": rest, "validation": validation, "test": frames["dev"]}
-    overlap = set(rest["id"]) & set(frames["dev"]["id"])
-    if overlap:
-        raise DataError(
-            f"{raw}: {len(overlap)} tweet id(s) are in both train and dev, e.g. {min(overlap)}"
-        )
+    # Before anything is written: a test tweet that is also in train or validation.
+    places = {**frames["train"].attrs["places"]}
+    checked = {
+        "train": Rows("train", rest, [places[i] for i in rest["id"]]),
+        "validation": Rows("validation", validation, [places[i] for i in validation["id"]]),
+        "test": Rows("test", frames["dev"], list(frames["dev"].attrs["places"].values())),
+    }
+    for warning in split_leaks(checked):
+        log.warning("%s", warning)
     for name, frame in parts.items():
         write_split(frame, getattr(out, name))
     record = {

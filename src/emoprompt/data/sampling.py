@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
+from emoprompt.data.leaks import Rows, refuse_leaks
 from emoprompt.data.splits import read_split, write_split
 from emoprompt.infra.files import atomic_open
 from emoprompt.labels import LABELS
@@ -92,7 +94,16 @@ def write_sample(
 ) -> pd.DataFrame:
     """Draw the evaluation sample from prepared splits; write it and the class counts."""
     train, test = read_split(train_path), read_split(test_path)
-    sample = sample_split(test, size, scheme, seed)
+    rows = sample_indices(test["label"].tolist(), size, scheme, seed)
+    sample = test.iloc[rows].reset_index(drop=True)
+    # The prepared files were checked by prepare; this catches a split edited since. A
+    # sample of the validation split may repeat a text that the train file repeats.
+    drawn = Rows("evaluation sample", sample, [f"{test_path}, line {i + 2}" for i in rows])
+    refuse_leaks(
+        [(drawn, Rows.of_file("train", train, train_path))],
+        "the sample would score tweets the model learnt from",
+        by=("id",) if Path(test_path).stem == "validation" else ("id", "text"),
+    )
     write_split(sample, sample_out)
     table = class_distribution({"train": train, "test": test, "sample": sample})
     with atomic_open(distribution_out) as handle:

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import atomic_open
 from emoprompt.labels import to_spanish
 
@@ -34,7 +35,7 @@ _DOUBLE_QUOTED = re.compile(r'"((?:[^"]|"")*""(?:[^"]|"")*)"', re.DOTALL)
 MAX_REPORTED_ERRORS = 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Malformed input: the message names the file, the line and the reason."""
 
 
@@ -175,7 +176,10 @@ def parse_split(split: SplitFile) -> pd.DataFrame:
         raise DataError(f"{len(errors)} problem(s) in {split.name}{more}:\n" + "\n".join(errors))
     if not rows:
         raise DataError(f"{split.name}: no data rows after the header")
-    return pd.DataFrame(rows, columns=list(CANONICAL_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(CANONICAL_COLUMNS))
+    # Where each row is, for messages about it (ids are unique within a split).
+    frame.attrs["places"] = {i: f"{split.name}, line {n}" for i, n in first_line_of.items()}
+    return frame
 
 
 def write_split(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:

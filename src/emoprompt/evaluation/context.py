@@ -19,6 +19,7 @@ import pandas as pd
 from emoprompt.evaluation.prompts import build_prompts
 from emoprompt.evaluation.strategies import Settings, Strategy
 from emoprompt.inference.tokens import TokenizerRules
+from emoprompt.infra.errors import UserError
 from emoprompt.prompting.prompt_file import PromptFile
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 SPARE_TOKENS = 2
 
 
-class ContextError(ValueError):
+class ContextError(UserError, ValueError):
     """A prompt cannot fit the model's context whatever its tweet."""
 
 

@@ -24,13 +24,15 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from emoprompt.infra.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # A marker no template writes: where an assistant answer goes in a rendered chat.
 _ANSWER_MARKER = "\u2042EMOPROMPT_ANSWER\u2042"
 
 
-class LabelCollisionError(ValueError):
+class LabelCollisionError(UserError, ValueError):
     """Two labels start with the same token, so first-token scores cannot tell them apart."""
 
 

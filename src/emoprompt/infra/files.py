@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from emoprompt.infra.errors import DiskFull, check_space, is_disk_full
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
@@ -22,18 +24,24 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     left as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    shutil.rmtree(tmp)  # the caller decides whether it becomes a file or a folder
+    tmp = target
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        check_space(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
+        shutil.rmtree(tmp)  # the caller decides whether it becomes a file or a folder
         yield tmp
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as exc:
+        if is_disk_full(exc) and not isinstance(exc, DiskFull):
+            raise DiskFull(target) from exc
+        raise
     finally:
-        if tmp.is_dir():
+        if tmp != target and tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
+        elif tmp != target and tmp.exists():
             tmp.unlink()
 
 

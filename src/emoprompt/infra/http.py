@@ -30,6 +30,7 @@ from typing import Any
 import requests
 from tqdm.auto import tqdm
 
+from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import write_json
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """A server that cannot be reached, does not answer in time, or refuses a request."""
 
 

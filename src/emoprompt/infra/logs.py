@@ -7,6 +7,8 @@ import os
 import sys
 from typing import TextIO
 
+from emoprompt.infra.errors import report_user_errors
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -40,3 +42,4 @@ def setup_logging(log_file: str | os.PathLike[str] | None, level: int = logging.
         sys.stderr = _Tee(sys.__stderr__, stream)  # type: ignore[assignment]
     logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
     logging.captureWarnings(True)
+    report_user_errors()  # a user's mistake: one line; a bug: its traceback

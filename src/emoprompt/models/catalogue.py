@@ -24,11 +24,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from emoprompt.infra.errors import UserError
+
 PromptFormat = Literal["chat", "plain"]
 MODELS_DIR = "data/models"
 
 
-class CatalogueError(ValueError):
+class CatalogueError(UserError, ValueError):
     """A catalogue entry is malformed; the message names the entry and the key."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import sha256_file
 from emoprompt.models.adapter import is_adapter, read_training_config
 from emoprompt.models.spec import ModelSpec
@@ -36,7 +37,7 @@ QUANTIZATIONS = ("none", "nf4")
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be found, converted or loaded as configured."""
 
 

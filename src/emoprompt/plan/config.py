@@ -17,12 +17,13 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 
 from emoprompt.infra.config_check import config_error_message, config_problems
+from emoprompt.infra.errors import UserError
 
 SCHEMA = Path("workflow") / "schemas" / "config.schema.yaml"
 CONFIG = Path("config.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The configuration breaks the schema; the message names key, value and source."""
 
 

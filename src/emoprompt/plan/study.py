@@ -14,6 +14,7 @@ from typing import Any
 
 from emoprompt.data.download import source_kind
 from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES
+from emoprompt.infra.errors import UserError
 from emoprompt.models.catalogue import (
     Catalogue,
     CatalogueError,
@@ -35,7 +36,7 @@ TEST = "data/processed/test.tsv"
 SAMPLE = "data/processed/test_sample.tsv"
 
 
-class StudyError(ValueError):
+class StudyError(UserError, ValueError):
     """The configuration asks for something the workflow cannot run."""
 
 

@@ -295,9 +295,7 @@ def check_settings(prompt: Any, train: pd.DataFrame | None = None, test=None) ->
         )
     manual = [str(i) for i in settings.get("manual_ids") or []]
     if method == "manual" and len(manual) != shots:
-        raise PromptError(
-            f"{path}: 'manual_ids' holds {len(manual)} ids but 'shots' is {shots}"
-        )
+        raise PromptError(f"{path}: 'manual_ids' holds {len(manual)} ids but 'shots' is {shots}")
     if train is None:
         return
     test = train.iloc[:0] if test is None else test

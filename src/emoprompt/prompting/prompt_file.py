@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from emoprompt.infra.errors import UserError
 from emoprompt.labels import LABELS
 
 FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -38,7 +39,7 @@ def prompt_format(family: str) -> str:
     return "plain" if family == "finetuned" else "chat"
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt file is malformed; the message names the file and the key."""
 
 
