@@ -117,3 +117,64 @@ def test_malformed_prompt_files_name_the_problem(tmp_path: Path, family, text, m
     with pytest.raises(PromptError, match=r"prompt\.yaml") as info:
         load_prompt_file(path, family)
     assert message in str(info.value)
+
+
+# --- placeholders ------------------------------------------------------------------------
+def _prompt_file(tmp_path: Path, name: str, replace: tuple[str, str] | None = None,
+                 extra: str = "") -> Path:  # fmt: skip
+    text = (REPO / "prompts" / f"{name}.yaml").read_text(encoding="utf-8")
+    if replace:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text + extra, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "replace", "key", "placeholder"),
+    [
+        ("zero_shot", ('user: "{tweet}"', 'user: "{usuario}: {tweet}"'), "user", "usuario"),
+        ("few_shot", ('assistant: "{label}"', 'assistant: "{label} ({tweet})"'),
+         "assistant", "tweet"),
+        ("finetuned", ("{tweet}", "{tweet} {emocion}"), "template", "emocion"),
+    ],
+)  # fmt: skip
+def test_an_unknown_placeholder_is_refused_naming_file_key_and_placeholder(
+    tmp_path, name, replace, key, placeholder
+):
+    path = _prompt_file(tmp_path, name, replace)
+    with pytest.raises(PromptError) as caught:
+        load_prompt_file(path, name)
+    message = str(caught.value)
+    assert f"{path}: {key!r} has the placeholder {{{placeholder}}}, which nothing fills" in message
+    assert f"{{{{{placeholder}}}}}" in message  # how to write it as text
+
+
+def test_declared_variables_escaped_braces_and_a_json_example_render_as_written(tmp_path):
+    system = 'system: "Responde en JSON, por ejemplo {\\"emocion\\": \\"Alegría\\"}. {tarea}"'
+    path = _prompt_file(
+        tmp_path, "zero_shot", ('user: "{tweet}"', 'user: "{{usuario}}: {tweet}"'),
+        extra=f"{system}\nvariables:\n  tarea: Clasifica la emoción.\n",
+    )  # fmt: skip
+    lines = path.read_text(encoding="utf-8").splitlines()  # the shipped system prompt out
+    start = next(i for i, line in enumerate(lines) if line.startswith("system: |-"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("  "))
+    path.write_text("\n".join(lines[:start] + lines[end:]) + "\n", encoding="utf-8")
+    prompt = load_prompt_file(path, "zero_shot")
+    messages = chat_messages(prompt, "un tuit con {tarea} y {{x}}")
+    assert messages[0]["content"] == (
+        'Responde en JSON, por ejemplo {"emocion": "Alegría"}. Clasifica la emoción.'
+    )
+    assert messages[1]["content"] == "{usuario}: un tuit con {tarea} y {{x}}"  # the tweet as is
+
+
+def test_a_dry_run_stops_on_an_unknown_placeholder(workflow_dir):
+    from conftest import run_snakemake
+
+    prompt = workflow_dir / "prompts" / "zero_shot.yaml"
+    prompt.write_text(prompt.read_text().replace('user: "{tweet}"', 'user: "{usuario}: {tweet}"'))
+    result = run_snakemake(workflow_dir, "-n", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "prompts/zero_shot.yaml: 'user' has the placeholder {usuario}" in output

@@ -8,6 +8,7 @@ for few-shot the assistant turn, the number of shots and how they are selected);
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from emoprompt.infra.errors import UserError
 from emoprompt.labels import LABELS
 
 FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "zero_shot": {"system": str, "user": str},
+    "zero_shot": {"system": str, "user": str, "variables": dict},
     "few_shot": {
         "system": str,
         "user": str,
@@ -28,10 +29,20 @@ FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "selection": str,
         "seed": int,
         "manual_ids": list,
+        "variables": dict,
     },
-    "finetuned": {"template": str, "labels": list, "label_map": dict},
+    "finetuned": {"template": str, "labels": list, "label_map": dict, "variables": dict},
 }
-OPTIONAL_KEYS = {"few_shot": {"manual_ids", "seed"}, "finetuned": {"label_map"}}
+OPTIONAL_KEYS = {
+    "zero_shot": {"variables"},
+    "few_shot": {"manual_ids", "seed", "variables"},
+    "finetuned": {"label_map", "variables"},
+}
+#: The placeholders each text key fills (besides the file's own ``variables``).
+PLACEHOLDERS = {"system": (), "user": ("tweet",), "assistant": ("label",), "template": ("tweet",)}
+#: ``{name}`` is a placeholder; ``{{name}}`` writes ``{name}`` itself; other braces (a
+#: JSON example, say) are text.
+PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
 
 
 def prompt_format(family: str) -> str:
@@ -70,6 +81,41 @@ class PromptFile:
         return mapping
 
 
+def _check_placeholders(data: Mapping[str, Any], path: Any) -> None:
+    """Every ``{name}`` of a text key is one it fills or one the file declares."""
+    declared = data.get("variables") or {}
+    for name, value in declared.items():
+        if not re.fullmatch(r"[A-Za-z_]\w*", str(name)) or name in ("tweet", "label"):
+            raise PromptError(
+                f"{path}: 'variables': {name!r} must be a name (letters, digits, _) other "
+                "than tweet and label"
+            )
+        if not isinstance(value, str):
+            raise PromptError(f"{path}: 'variables': {name!r} must be a text")
+    for key, own in PLACEHOLDERS.items():
+        for match in PLACEHOLDER.finditer(str(data.get(key, ""))):
+            name = match.group(2)
+            if name is not None and name not in own and name not in declared:
+                known = ", ".join("{" + n + "}" for n in (*own, *declared)) or "none"
+                raise PromptError(
+                    f"{path}: {key!r} has the placeholder {{{name}}}, which nothing fills "
+                    f"(known there: {known}); declare it under 'variables', or write "
+                    f"{{{{{name}}}}} for the text {{{name}}}"
+                )
+
+
+def fill(template: str, values: Mapping[str, str]) -> str:
+    """``template`` with each placeholder replaced by its value, in one pass (a value is
+    never read for placeholders), and ``{{name}}`` written as ``{name}``."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(1) is not None:
+            return "{" + match.group(1) + "}"
+        return values.get(match.group(2), match.group(0))
+
+    return PLACEHOLDER.sub(one, template)
+
+
 def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
     """Read and check a prompt file of ``family`` (zero_shot, few_shot or finetuned)."""
     if family not in FAMILY_KEYS:
@@ -93,6 +139,7 @@ def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
             raise PromptError(f"{path}: missing key {key!r}")
         if not isinstance(data[key], kind) or isinstance(data[key], bool):
             raise PromptError(f"{path}: {key!r} must be a {getattr(kind, '__name__', kind)}")
+    _check_placeholders(data, path)
     for key in ("user", "template"):
         if key in data and "{tweet}" not in data[key]:
             raise PromptError(f"{path}: {key!r} must contain the placeholder {{tweet}}")

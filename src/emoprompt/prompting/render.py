@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from emoprompt.prompting.prompt_file import PromptFile
+from emoprompt.prompting.prompt_file import PromptFile, fill
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +36,23 @@ class PromptParts:
         return self.prefix + self.suffix
 
 
-def _fill(template: str, **values: str) -> str:
-    # str.replace, not str.format: tweets and prompts may contain braces.
-    for key, value in values.items():
-        template = template.replace("{" + key + "}", value)
-    return template
+def _fill(prompt: PromptFile, key: str, **values: str) -> str:
+    """A text key of the prompt file with its placeholders filled: ``values`` and the
+    file's own ``variables`` (not str.format: tweets and prompts may hold braces)."""
+    template = prompt.settings.get(key, "{label}" if key == "assistant" else "")
+    return fill(template, {**(prompt.settings.get("variables") or {}), **values})
 
 
 def chat_messages(
     prompt: PromptFile, tweet: str, shots: Sequence[tuple[str, str]] = ()
 ) -> list[dict[str, str]]:
     """System prompt, the solved examples as earlier turns, then the tweet."""
-    settings = prompt.settings
-    messages = [{"role": "system", "content": settings["system"]}]
+    messages = [{"role": "system", "content": _fill(prompt, "system")}]
     for shot_tweet, shot_label in shots:
-        messages.append({"role": "user", "content": _fill(settings["user"], tweet=shot_tweet)})
-        answer = _fill(settings.get("assistant", "{label}"), label=shot_label)
+        messages.append({"role": "user", "content": _fill(prompt, "user", tweet=shot_tweet)})
+        answer = _fill(prompt, "assistant", label=shot_label)
         messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": _fill(settings["user"], tweet=tweet)})
+    messages.append({"role": "user", "content": _fill(prompt, "user", tweet=tweet)})
     return messages
 
 
@@ -90,7 +89,8 @@ def transcript(messages: Sequence[Mapping[str, str]]) -> str:
 
 def render_plain(prompt: PromptFile, tweet: str) -> PromptParts:
     """The fine-tuned model's plain prompt: the part before {tweet} is shared."""
-    head, _, tail = prompt.settings["template"].partition("{tweet}")
+    marker = "\x00tweet\x00"  # cannot come from a YAML prompt file
+    head, _, tail = _fill(prompt, "template", tweet=marker).partition(marker)
     return PromptParts(prefix=head, suffix=tweet + tail)
 
 
