@@ -20,6 +20,7 @@ reads back.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -66,6 +67,11 @@ class _Entry(BaseModel):
     def check(self, name: str, catalogue: Catalogue) -> None:
         """Cross-entry checks (an entry that names another one)."""
 
+    def missing(self, name: str, catalogue: Catalogue) -> list[str]:
+        """What the user must provide and has not: checked for the models a study runs,
+        when the workflow starts (no output of a rule stands in for it)."""
+        return []
+
 
 class _Loaded(_Entry):
     """An entry whose weights load in this process."""
@@ -107,6 +113,12 @@ class LocalEntry(_Loaded):
     def location(self, name: str, catalogue: Catalogue) -> str:
         return self.path
 
+    def missing(self, name: str, catalogue: Catalogue) -> list[str]:
+        if Path(self.path).is_dir():
+            return []
+        return [f"model_catalogue: {name}: path {self.path!r} is not a folder (a local entry "
+                "loads its saved model from there)"]  # fmt: skip
+
 
 class FinetunedEntry(_Entry):
     source: Literal["finetuned"]
@@ -121,6 +133,9 @@ class FinetunedEntry(_Entry):
 
     def input_files(self, name: str, catalogue: Catalogue) -> list[str]:
         return [*catalogue.input_files(self.base), self.adapter_folder()]
+
+    def missing(self, name: str, catalogue: Catalogue) -> list[str]:
+        return catalogue.missing(self.base)
 
     def resolved(self, name: str, catalogue: Catalogue) -> dict[str, Any]:
         """The base's entry (dtype, quantization...) with this entry's own keys on top."""
@@ -172,6 +187,9 @@ class ServedEntry(_Entry):
     def input_files(self, name: str, catalogue: Catalogue) -> list[str]:
         tokenizer = catalogue.input_files(self.tokenizer) if self.tokenizer else []
         return [*tokenizer, *([self.adapter] if self.adapter else [])]
+
+    def missing(self, name: str, catalogue: Catalogue) -> list[str]:
+        return catalogue.missing(self.tokenizer) if self.tokenizer else []
 
     def check(self, name: str, catalogue: Catalogue) -> None:
         if self.api == "completions" and not self.tokenizer:
@@ -263,6 +281,9 @@ class Catalogue:
 
     def resolved(self, name: str) -> dict[str, Any]:
         return self.entries[name].resolved(name, self)
+
+    def missing(self, name: str) -> list[str]:
+        return self.entries[name].missing(name, self)
 
     def of_type(self, kind: type[_Entry]) -> list[str]:
         return [name for name, entry in self.entries.items() if isinstance(entry, kind)]

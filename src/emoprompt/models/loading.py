@@ -23,6 +23,7 @@ import torch
 from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import sha256_file
 from emoprompt.models.adapter import is_adapter, read_training_config
+from emoprompt.models.files import ModelFilesError, check_model_folder
 from emoprompt.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -209,19 +210,26 @@ def _hub_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return common
 
 
-def _loading(path_or_id: str, load):
-    """``load()``, its failures as :class:`ModelLoadError`; a hub token from the
-    environment is scrubbed from the message."""
+def _loading(path_or_id: str, load, name: str | None = None):
+    """``load()``, its failures as :class:`ModelLoadError` naming the catalogue entry and
+    the first line of the library's message; a hub token is scrubbed from it. A local
+    folder's files are checked first (:func:`emoprompt.models.files.check_model_folder`)."""
+    if Path(path_or_id).is_dir():
+        check_model_folder(path_or_id, name)
     token = _hub_token()
     try:
         return load()
     except (OSError, ValueError, ImportError) as exc:
+        if isinstance(exc, ModelFilesError):
+            raise
         # Messages from transformers name the repository and file, not the token;
         # scrub it anyway in case a URL or header echo ever carries it.
         # The original exception is not chained for the same reason.
         message = str(exc).replace(token, "***") if token else str(exc)
+        first = message.strip().splitlines()[0] if message.strip() else ""
+        where = f"model_catalogue: {name}: " if name else ""
         raise ModelLoadError(
-            f"could not load {path_or_id}: {type(exc).__name__}: {message}"
+            f"{where}could not load {path_or_id}: {type(exc).__name__}: {first}"
         ) from None
 
 
@@ -232,7 +240,7 @@ def load_tokenizer(spec: ModelSpec | Mapping[str, Any], path_or_id: str) -> Any:
     spec = ModelSpec.of(spec)
     common = _hub_kwargs(spec)
     return prepare_tokenizer(
-        _loading(path_or_id, lambda: AutoTokenizer.from_pretrained(path_or_id, **common))
+        _loading(path_or_id, lambda: AutoTokenizer.from_pretrained(path_or_id, **common), spec.name)
     )
 
 
@@ -243,7 +251,9 @@ def context_length(spec: ModelSpec | Mapping[str, Any], path_or_id: str, tokeniz
 
     spec = ModelSpec.of(spec)
     common = _hub_kwargs(spec)
-    config = _loading(path_or_id, lambda: AutoConfig.from_pretrained(path_or_id, **common))
+    config = _loading(
+        path_or_id, lambda: AutoConfig.from_pretrained(path_or_id, **common), spec.name
+    )
     limits = [getattr(config, "max_position_embeddings", None)]
     limits.append(getattr(tokenizer, "model_max_length", None))
     usable = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**8]
@@ -268,9 +278,13 @@ def _from_pretrained(path_or_id: str, spec: ModelSpec, weights: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common = _hub_kwargs(spec)
-    tokenizer = _loading(path_or_id, lambda: AutoTokenizer.from_pretrained(path_or_id, **common))
+    tokenizer = _loading(
+        path_or_id, lambda: AutoTokenizer.from_pretrained(path_or_id, **common), spec.name
+    )
     model = _loading(
-        path_or_id, lambda: AutoModelForCausalLM.from_pretrained(path_or_id, **common, **weights)
+        path_or_id,
+        lambda: AutoModelForCausalLM.from_pretrained(path_or_id, **common, **weights),
+        spec.name,
     )
     return tokenizer, model
 

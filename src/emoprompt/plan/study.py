@@ -66,6 +66,9 @@ class Study:
                 f"config 'models' names {', '.join(missing)}, not in model_catalogue "
                 f"(known: {', '.join(self.catalogue.names())})"
             )
+        absent = [line for m in config["models"] for line in self.catalogue.missing(m)]
+        if absent:
+            raise StudyError("\n".join(dict.fromkeys(absent)))
 
     @classmethod
     def from_files(cls, root: str | Path = ".", **overrides: Any) -> Study:
