@@ -180,6 +180,7 @@ def test_load_error_does_not_echo_the_token(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     missing = tmp_path / "no-model-here"
     missing.mkdir()
+    (missing / "config.json").write_text("{}")  # a folder that passes the file checks
     with pytest.raises(ModelLoadError, match="could not load") as caught:
         load_model(SPEC, str(missing), device="cpu")
     assert FAKE_TOKEN not in str(caught.value)
