@@ -48,7 +48,7 @@ def test_wrong_key_or_value_fails_at_once_naming_it(workflow_dir: Path):
 def test_bad_checksum_stops_the_download_and_leaves_no_output(workflow_dir: Path, data_dir: Path):
     result = run_snakemake(
         workflow_dir,
-        "data/raw/emoeval_data.zip",
+        "data/raw/provenance.json",
         "--config",
         f"data_source={data_dir / 'emoeval_data.zip'}",
         f"data_sha256={'f' * 64}",
@@ -57,3 +57,21 @@ def test_bad_checksum_stops_the_download_and_leaves_no_output(workflow_dir: Path
     assert result.returncode != 0
     assert "checksum mismatch" in (workflow_dir / "logs/download.log").read_text()
     assert not (workflow_dir / "data/raw/emoeval_data.zip").exists()
+
+
+def test_an_offline_rerun_with_another_source_keeps_the_data_in_place(
+    workflow_dir: Path, data_dir: Path
+):
+    local = f"data_source={data_dir / 'emoeval_data.zip'}"
+    run_snakemake(workflow_dir, "data/raw/provenance.json", "--config", local)
+    raw = workflow_dir / "data/raw/emoeval_data.zip"
+    before = raw.read_bytes()
+    offline = "data_source=http://127.0.0.1:9/emoeval_data.zip"  # nothing listens there
+    result = run_snakemake(workflow_dir, "data/raw/provenance.json", "--config", offline,
+                           "download_retries=0", check=False)  # fmt: skip
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "data_source changed from" in output and "is kept in data/raw/emoeval_data.zip" in output
+    assert "make run DATA=" in output and "Traceback" not in output
+    assert raw.read_bytes() == before  # the user's data is still there
+    run_snakemake(workflow_dir, "data/processed/test.tsv", "--config", local)  # and serves

@@ -55,11 +55,6 @@ def all_cores():
     return workflow.resource_settings.cores or 1
 
 
-def raw_data_output():
-    path = STUDY.raw_data_path()
-    return path if path.endswith(".zip") else directory(path)
-
-
 def model_entry(wildcards):
     return STUDY.entry(wildcards.model)
 

@@ -2,13 +2,16 @@ rule download:
     input:
         STUDY.local_source(),
     output:
-        data=raw_data_output(),
+        # The data itself (STUDY.raw_data_path()) is not an output: Snakemake would
+        # delete it before a re-run that may fail offline. The job replaces it only
+        # once the new copy is complete and verified.
         provenance="data/raw/provenance.json",
     log:
         "logs/download.log",
     conda:
         "../envs/data.yaml"
     params:
+        data=STUDY.raw_data_path(),
         source=config["data_source"],
         sha256=config["data_sha256"],
         timeout=config["download_timeout"],
@@ -19,7 +22,7 @@ rule download:
 
 rule prepare:
     input:
-        STUDY.raw_data_path(),
+        "data/raw/provenance.json",
     output:
         train="data/processed/train.tsv",
         validation="data/processed/validation.tsv",
@@ -30,6 +33,7 @@ rule prepare:
     conda:
         "../envs/data.yaml"
     params:
+        data=STUDY.raw_data_path(),
         validation_size=config["validation_size"],
         validation_seed=config["validation_seed"],
     script:

@@ -2,16 +2,17 @@
 
 import _bootstrap  # noqa: F401 - makes emoprompt importable in any job environment
 
-from emoprompt.data.download import fetch
+from emoprompt.data.download import RECORD, fetch_keeping_previous
 from emoprompt.infra.files import write_json
 from emoprompt.infra.logs import setup_logging
 
 
 def main(snakemake) -> None:
     setup_logging(snakemake.log[0])
-    provenance = fetch(
+    provenance = fetch_keeping_previous(
         snakemake.params.source,
-        snakemake.output.data,
+        snakemake.params.data,
+        RECORD,
         sha256=snakemake.params.sha256,
         timeout=snakemake.params.timeout,
         retries=snakemake.params.retries,

@@ -13,7 +13,7 @@ def main(snakemake) -> None:
     setup_logging(snakemake.log[0])
     out = snakemake.output
     counts = prepare(
-        snakemake.input[0],
+        snakemake.params.data,
         Prepared(out.train, out.validation, out.test, out.ids),
         validation_size=snakemake.params.validation_size,
         seed=snakemake.params.validation_seed,

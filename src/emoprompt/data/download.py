@@ -8,6 +8,7 @@ splits); a failure leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from emoprompt.data.splits import DataError, locate_splits
 from emoprompt.infra.errors import UserError
-from emoprompt.infra.files import atomic_path, sha256_file
+from emoprompt.infra.files import atomic_open, atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,13 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+#: What a user without internet can do instead (README: Set-up).
+OFFLINE_HINT = (
+    "without internet, give a local copy of the data: make run DATA=/path/to/emoeval_data.zip "
+    "(or a folder holding train and dev), or --config data_source=PATH"
+)
+
+
 def _stream_to(
     url: str, dest: Path, *, timeout: float, chunk_size: int = 1 << 16
 ) -> tuple[str, int]:
@@ -121,6 +130,12 @@ def download_url(
                 raise DownloadError(f"downloading {shown} failed: {last}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             last = f"{type(exc).__name__}: {exc}"
+            if "NameResolutionError" in last or "Name or service not known" in last:
+                host = urlsplit(url).hostname
+                raise DownloadError(
+                    f"downloading {shown} failed: the name {host} does not resolve (no "
+                    f"network?); {OFFLINE_HINT}"
+                ) from None
         except requests.RequestException as exc:  # e.g. ChunkedEncodingError on a cut stream
             last = f"{type(exc).__name__}: {exc}"
         if attempt <= retries:
@@ -129,7 +144,11 @@ def download_url(
                 "attempt %d for %s failed (%s); retrying in %.1f s", attempt, shown, last, wait
             )
             time.sleep(wait)
-    raise DownloadError(f"downloading {shown} failed after {retries + 1} attempts: {last}")
+    if len(last) > 300:
+        last = last[:297] + "..."
+    raise DownloadError(
+        f"downloading {shown} failed after {retries + 1} attempts: {last}; {OFFLINE_HINT}"
+    )
 
 
 def _check_archive(path: Path, shown: str) -> None:
@@ -210,3 +229,37 @@ def fetch(
         files=files,
         checksum_verified=verified,
     )
+
+
+#: Where the workflow records the source of the raw copy in place (beside it).
+RECORD = "data/raw/source.json"
+
+
+def fetch_keeping_previous(
+    source: str,
+    dest: str | os.PathLike[str],
+    record: str | os.PathLike[str],
+    **options: Any,
+) -> Provenance:
+    """:func:`fetch`, for a workflow whose re-run must never lose the data it has: the
+    new copy replaces ``dest`` only once complete and verified, and ``record`` (beside
+    it) says where the copy in place came from. When the source changed and the new one
+    cannot be fetched, the message says so and how to keep using the copy in place."""
+    record = Path(record)
+    try:
+        previous = json.loads(record.read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError):
+        previous = None
+    try:
+        provenance = fetch(source, dest, **options)
+    except DownloadError as exc:
+        if previous is None or previous == source or not Path(dest).exists():
+            raise
+        raise DownloadError(
+            f"{exc}\ndata_source changed from {redact(previous)} to {redact(source)}; the "
+            f"copy from the former is kept in {dest}: to go on with it, run with that source "
+            f"again (make run DATA={redact(previous)}, or --config data_source=...)"
+        ) from None
+    with atomic_open(record) as handle:
+        json.dump({"source": source, "sha256": provenance.sha256}, handle)
+    return provenance
