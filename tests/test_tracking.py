@@ -332,3 +332,23 @@ def test_a_validation_sample_is_a_run_of_its_own():
     assert run_key("smol", "zero_shot_generate", {**SAMPLE, "split": "test"}) == test_key
     validation = run_key("smol", "zero_shot_generate", {**SAMPLE, "split": "validation"})
     assert validation == "smol/zero_shot_generate/sample=validation:30,random,seed=0"
+
+
+def test_a_copied_results_folder_tracks_into_itself_not_the_original(tracked, tmp_path) -> None:
+    original = tracked["results"]
+    before = sorted(p.relative_to(original) for p in (original / "mlartifacts").rglob("*"))
+    copy = tmp_path / "elsewhere" / "results"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
+    uri, artifacts = resolve_tracking_uri(copy, environ={})
+    runs = [make_run_files(copy, m, s, 50 + i) for i, (m, s) in enumerate(PAIRS)]  # new files
+    tracked_again = track_runs(runs, experiment=EXPERIMENT, tracking_uri=uri, sample=SAMPLE,
+                               artifact_location=artifacts, workflow_dir=REPO)  # fmt: skip
+    assert {t.action for t in tracked_again} == {"updated"}
+    after = sorted(p.relative_to(original) for p in (original / "mlartifacts").rglob("*"))
+    assert after == before  # nothing written into the original folder
+    client = MlflowClient(tracking_uri=uri)
+    for run in tracked_again:
+        artifact_uri = client.get_run(run.run_id).info.artifact_uri
+        assert artifact_uri.startswith(copy.resolve().as_uri()), artifact_uri
+        assert client.list_artifacts(run.run_id, "predictions")  # found in the copy

@@ -4,7 +4,7 @@
 CPU build needs, and :class:`VllmServer` runs it as a child process: started, waited for
 until ``GET /v1/models`` answers, stopped (SIGTERM, then SIGKILL) when the block ends,
 its output in a log file. ``make vllm-serve`` and the tests use it; on a cluster, run
-the same command on a GPU node (README: Serving a model with vLLM).
+the same command on a GPU node (docs/serving.md: A server on a GPU node of a SLURM cluster).
 
     python -m emoprompt.inference.serve data/models/smollm2-135m-instruct \\
         --served-model-name smollm2-135m-instruct --port 8000

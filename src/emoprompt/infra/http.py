@@ -155,7 +155,7 @@ class JsonClient:
             if attempt == self.retries:
                 raise ServerError(
                     f"{method} {url}: {problem} (after {self.retries + 1} tries); is the server "
-                    "running and serving this model? (README: Serving a model with vLLM)"
+                    "running and serving this model? (docs/serving.md: Setting up vLLM)"
                 )
             delay = self.backoff * 2**attempt if result is None else result
             log.warning("%s %s: %s; trying again in %.1f s", method, url, problem, delay)

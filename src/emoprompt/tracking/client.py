@@ -43,6 +43,7 @@ from emoprompt.tracking.records import (
     run_tags,
     training_params,
 )
+from emoprompt.tracking.store import follow_moved_folder
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def track_runs(
     its own, and the evaluation runs of that model are tagged with its run id.
     """
     commit = git_commit(workflow_dir) if workflow_dir is not None else "unknown"
+    if artifact_location is not None:  # the default store: it follows a moved folder
+        follow_moved_folder(tracking_uri, artifact_location)
     with request_limits(timeout, retries):
         client = MlflowClient(tracking_uri=tracking_uri)
         log.info("MLflow tracking URI %s, experiment %r", redact_uri(tracking_uri), experiment)
