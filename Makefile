@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: setup vllm-setup vllm-serve run test lint ui bench bench-finetune conformance clean
+.PHONY: setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune conformance clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ run: setup
 test: setup
 	@$(MAKE) --no-print-directory vllm-setup || echo "vLLM could not be installed here: its tests will be skipped"
 	$(BIN)/python -m pytest
+
+# While developing: every module's tests without the slow ones (workflow runs, real
+# models, long trainings); about 3 minutes on a 2-core CPU. `make test` before a push.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -160,6 +160,7 @@ def _job(tmp_path: Path, model_dir: Path, train: Path, tweets: list[str], name: 
     return tmp_path / f"{name}.out"
 
 
+@pytest.mark.slow
 def test_a_tweet_longer_than_the_context_is_cut_to_fit_and_flagged(
     tmp_path, smollm2_dir, train_split
 ):
@@ -310,6 +311,7 @@ def test_calibration_with_shots_chosen_per_tweet_is_refused_by_a_dry_run(workflo
     run_snakemake(workflow_dir, "-n", "--configfile", str(extra))  # without it: fine
 
 
+@pytest.mark.slow
 def test_a_served_entry_is_checked_by_a_dry_run_and_a_chat_api_skips_label_likelihood(
     workflow_dir,
 ):

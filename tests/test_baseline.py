@@ -30,6 +30,7 @@ def real_run(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return dev, predict_proba_frame(pipeline, dev)
 
 
+@pytest.mark.slow
 def test_macro_f1_on_real_dev(real_run: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     dev, probs = real_run
     score = f1_score(
@@ -39,6 +40,7 @@ def test_macro_f1_on_real_dev(real_run: tuple[pd.DataFrame, pd.DataFrame]) -> No
     assert score >= 0.48, f"macro F1 {score:.4f}"
 
 
+@pytest.mark.slow
 def test_frame_shape_on_real_dev(real_run: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     dev, probs = real_run
     assert probs.columns.tolist() == [*LABELS, "predicted"]

@@ -194,6 +194,7 @@ def test_replace_block_keeps_the_text_around_it():
     assert replace_block(both, "new table") == both
 
 
+@pytest.mark.slow
 def test_fast_paths_equal_the_plain_path_on_real_tweets(smollm2_dir, splits, tmp_path):
     """Acceptance on a small set: every fast path's predictions (and generated texts)
     equal the unbatched, uncached path's, and the notebook's way writes the same texts."""

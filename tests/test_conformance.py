@@ -46,6 +46,7 @@ def matrix(request, tokenizer) -> list[dict[str, Any]]:
     return run_matrix(tokenizer, REPO / "prompts", device=request.param)
 
 
+@pytest.mark.slow
 def test_every_row_of_the_matrix_meets_its_pass_mark(matrix):
     failed = [row for row in matrix if not row["passed"]]
     assert not failed, failed
@@ -58,6 +59,7 @@ def test_every_row_of_the_matrix_meets_its_pass_mark(matrix):
             assert row["same_text"] == row["prompts"] == 16, row
 
 
+@pytest.mark.slow
 def test_the_table_grants_exactly_what_the_matrix_checked(matrix):
     keys = {row["model_key"] for row in matrix}
     if matrix[0]["device"] == "cpu":
@@ -98,6 +100,7 @@ def test_the_matrix_catches_prefix_reuse_under_a_sliding_window(tokenizer):
     assert any("error" in r for r in tree if r["method"].startswith("likelihood"))
 
 
+@pytest.mark.slow
 def test_docs_table_is_the_one_the_current_table_writes(matrix):
     """docs/conformance.md is written by `make conformance`: its rows (architecture,
     dtype, path, speed-ups) are those of the current table; differences are measured

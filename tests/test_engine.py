@@ -407,6 +407,7 @@ def test_progress_bar_can_be_turned_off(tiny_chatml, capsys):
 
 
 # ----------------------------------------------------------------------------- a real model
+@pytest.mark.slow
 def test_real_smollm2_cached_equals_plain_and_generate(smollm2):
     """SmolLM2-135M-Instruct: 30 layers in float32. The prefix cache changes the order
     of floating-point sums, so log-likelihoods of ~-30 differ by up to ~1e-4."""

@@ -375,6 +375,7 @@ def _start(job: Path, log: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir):
     job = _job(tmp_path, tiny_llama_dir)
     checkpoints = tmp_path / "tiny-ft.checkpoints"
@@ -499,3 +500,26 @@ def test_training_run_is_logged_once_and_linked_from_its_evaluation_runs(tmp_pat
     assert client.get_run(evaluation.run_id).data.tags[TRAINING_RUN_TAG] == training.run_id
     again, _ = track_runs(runs, **kwargs)  # idempotent: the same run, not a new one
     assert again.run_id == training.run_id and again.action == "updated"
+
+
+def test_a_short_training_in_process_writes_the_adapter_its_record_and_an_inspection(
+    tmp_path, tiny_llama_dir
+):
+    """A few steps through train() itself (the fast tier's cover of the finetune job),
+    then the fine-tuned model's inspection page, as rule inspect_model writes it."""
+    from emoprompt.reporting.inspection import write_inspection
+    from emoprompt.training.job import TrainingJob, train
+
+    job = json.loads(_job(tmp_path, tiny_llama_dir, max_steps=3, epochs=1).read_text())
+    train(TrainingJob(**job))
+    adapter = tmp_path / "tiny-ft"
+    record = json.loads((adapter / TRAINING_CONFIG).read_text())
+    assert record["steps"] == 3 and record["validation"]["tweets"] == 12
+    page = tmp_path / "inspect.md"
+    entry = {**job["entry"], "source": "finetuned", "base": "tiny", "adapter": str(adapter),
+             "prompt_format": "plain", "name": "tiny-ft"}  # fmt: skip
+    write_inspection(model_name="tiny-ft", entry=entry, sample_path=str(tmp_path / "test.tsv"),
+                     prompt_path=str(ZERO_SHOT_PROMPT), finetuned_prompt_path=str(FINETUNED_PROMPT),
+                     out=str(page))  # fmt: skip
+    text = page.read_text()
+    assert "tiny-ft" in text and len(text.splitlines()) > 5

@@ -87,6 +87,7 @@ def results_tree(workflow_dir: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_aggregation_and_report(results_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = results_tree
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run's own SQLite store

@@ -264,3 +264,20 @@ def test_a_fine_tuned_model_is_compared_with_the_rows_of_its_base():
         ("m/a", "m-ft/c"),
         ("m/b", "m-ft/c"),
     ]
+
+
+def test_the_significance_figures_are_drawn_from_the_comparisons(tmp_path):
+    from emoprompt.reporting.significance import write_significance_figures
+
+    runs = _runs()
+    table = compare_runs(runs, SETTINGS, baseline="baseline/tfidf")
+    metrics = [
+        {"model": r.name.split("/")[0], "strategy": r.name.split("/")[1], "tweets": 40,
+         "f1_macro": 0.3 + 0.1 * i,
+         "intervals": {"f1_macro": {"low": 0.2 + 0.1 * i, "high": 0.4 + 0.1 * i}}}
+        for i, r in enumerate(runs)
+    ]  # fmt: skip
+    forest, matrix = tmp_path / "forest.png", tmp_path / "matrix.png"
+    write_significance_figures(metrics, table, forest, matrix, "baseline/tfidf", 0.95)
+    for path in (forest, matrix):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_snakemake
 
 from emoprompt.data.splits import read_split
@@ -18,6 +19,7 @@ PROCESSED = [
 ]
 
 
+@pytest.mark.slow
 def test_zip_and_folder_sources_give_identical_files(workflow_dir: Path, data_dir: Path):
     run_snakemake(
         workflow_dir, *DATA_OUTPUTS, "--config", f"data_source={data_dir / 'emoeval_data.zip'}"
@@ -59,6 +61,7 @@ def test_bad_checksum_stops_the_download_and_leaves_no_output(workflow_dir: Path
     assert not (workflow_dir / "data/raw/emoeval_data.zip").exists()
 
 
+@pytest.mark.slow
 def test_an_offline_rerun_with_another_source_keeps_the_data_in_place(
     workflow_dir: Path, data_dir: Path
 ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from conftest import run_snakemake
 
 
@@ -37,6 +38,7 @@ def planned_jobs(workflow: Path, config: list[str]) -> set[str]:
     return jobs
 
 
+@pytest.mark.slow
 def test_editing_the_few_shot_prompt_reruns_only_few_shot_jobs(workflow_dir: Path, data_dir: Path):
     config = [f"data_source={data_dir}"]
     mark_everything_built(workflow_dir, config)
