@@ -50,7 +50,13 @@ def matrix(request, tokenizer) -> list[dict[str, Any]]:
 def test_every_row_of_the_matrix_meets_its_pass_mark(matrix):
     failed = [row for row in matrix if not row["passed"]]
     assert not failed, failed
-    expected = len(ARCHITECTURES) * len(DTYPES) * len(PATHS) * len(conformance.METHODS)
+    per_model = len(PATHS) * len(conformance.METHODS)
+    expected = len(ARCHITECTURES) * len(DTYPES) * per_model
+    if conformance.NF4 in conformance.matrix_dtypes(matrix[0]["device"]):
+        expected += len(conformance.NF4_ARCHITECTURES) * per_model
+        assert {r["model_key"] for r in matrix if r["dtype"] == "nf4"} == {
+            "llama/sdpa/cpu/bfloat16/4bit"
+        }
     assert len(matrix) == expected
     for row in matrix:
         if row["dtype"] == "float32" and row["method"] != "greedy":

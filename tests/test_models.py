@@ -45,7 +45,7 @@ SPEC = {
     "revision": None,
 }
 NF4 = {**SPEC, "dtype": "bfloat16", "quantization": "nf4"}
-HAVE_NF4 = torch.cuda.is_available() and is_bitsandbytes_available()
+HAVE_NF4 = torch.cuda.is_available() and is_bitsandbytes_available()  # on CUDA
 # float32 weights, same code path: the converted folder reproduces the GGUF model's
 # logits exactly in practice (0.0 measured); 1e-4 leaves room for kernel changes.
 LOGITS_ATOL = 1e-4
@@ -186,20 +186,22 @@ def test_load_error_does_not_echo_the_token(monkeypatch, tmp_path):
     assert FAKE_TOKEN not in str(caught.value)
 
 
-@pytest.mark.skipif(HAVE_NF4, reason="CUDA and bitsandbytes are present: NF4 can load")
-def test_nf4_without_cuda_or_bitsandbytes_is_a_clear_error(tiny_llama_dir):
-    with pytest.raises(ModelLoadError, match=r"NF4.*(CUDA|bitsandbytes)") as caught:
+def test_nf4_without_bitsandbytes_is_a_clear_error(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(models, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(ModelLoadError, match="NF4 was asked for but bitsandbytes is not") as caught:
         load_model(NF4, str(tiny_llama_dir), device="cpu")
-    message = str(caught.value)
-    if not torch.cuda.is_available():
-        assert "CUDA is not available" in message
+    assert "allow_fallback" in str(caught.value)
+
+
+def test_nf4_on_a_cpu_refuses_layers_narrower_than_its_blocks(tiny_llama_dir):
     if not is_bitsandbytes_available():
-        assert "bitsandbytes is not installed" in message
-    assert "allow_fallback" in message
+        pytest.skip("bitsandbytes is not installed")
+    with pytest.raises(ModelLoadError, match=r"blocks of 64 inputs .* hidden_size 32"):
+        load_model(NF4, str(tiny_llama_dir), device="cpu")
 
 
-@pytest.mark.skipif(HAVE_NF4, reason="CUDA and bitsandbytes are present: no fallback happens")
-def test_nf4_fallback_loads_float32_and_says_so(tiny_llama_dir, caplog):
+def test_nf4_fallback_loads_float32_and_says_so(tiny_llama_dir, caplog, monkeypatch):
+    monkeypatch.setattr(models, "bitsandbytes_installed", lambda: False)
     caplog.set_level(logging.WARNING, logger="emoprompt.models.loading")
     loaded = load_model({**NF4, "allow_fallback": True}, str(tiny_llama_dir), device="cpu")
     info = loaded.info
@@ -210,6 +212,37 @@ def test_nf4_fallback_loads_float32_and_says_so(tiny_llama_dir, caplog):
     assert "NF4 unavailable" in info["fallback_used"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("NF4 unavailable" in r.getMessage() for r in warnings)
+
+
+def test_nf4_on_a_cpu_loads_in_4bit_as_the_notebook_does_and_agrees_with_float32(
+    tmp_path, llama3_tokenizer
+):
+    """bitsandbytes' own CPU code: Linear4bit layers, bfloat16 compute, and the labels of
+    the float32 model it was quantised from (a 2-layer Llama 64 wide)."""
+    if not is_bitsandbytes_available():
+        pytest.skip("bitsandbytes is not installed")
+    import bitsandbytes as bnb
+
+    from emoprompt.bench.conformance import ARCHITECTURES, NF4_WIDTHS, tiny_model
+
+    tokenizer = llama3_tokenizer
+    arch = ARCHITECTURES[0]
+    folder = tmp_path / "tiny-64"
+    full = tiny_model(arch, tokenizer, "float32", widths=NF4_WIDTHS)
+    full.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded = load_model(NF4, str(folder), device="cpu")
+    assert loaded.info["quantization"] == "nf4" and loaded.info["fallback_used"] is None
+    linear = loaded.model.model.layers[0].self_attn.q_proj
+    assert isinstance(linear, bnb.nn.Linear4bit)
+    assert linear.weight.quant_state.quant_type == "nf4"
+    ids = tokenizer(["Hola mundo, qué día"], return_tensors="pt")
+    with torch.no_grad():
+        nf4 = loaded.model(**ids).logits.float().softmax(-1)
+        ref = full(**ids).logits.softmax(-1)
+    assert torch.isfinite(nf4).all()
+    difference = (nf4 - ref).abs().max().item()
+    assert 0 < difference < 0.01, difference  # 4-bit weights: close, not equal
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ import argparse
 import copy
 import datetime
 import logging
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,13 +102,26 @@ ARCHITECTURES = (
     Architecture("gpt_neox, no grouped-query attention", "gpt_neox", {"num_attention_heads": 4}),
 )
 DTYPES = ("float32", "bfloat16")
+#: 4-bit NF4 with bfloat16 compute, loaded as the course notebook loads its model
+#: (``models.loading``), on the architectures listed; bitsandbytes' CPU code needs layers
+#: at least 64 wide.
+NF4 = "nf4"
+NF4_ARCHITECTURES = ("llama",)
+NF4_WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "head_dim": 16}
 # (batch size, prefix reuse asked for)
 PATHS = ((1, False), (1, True), (16, False), (16, True))
 METHODS = ("first_token", "likelihood", "likelihood_normalized", "likelihood_calibrated", "greedy")
 
 
-def tiny_model(arch: Architecture, tokenizer: Any, dtype: str, device: str = "cpu") -> Any:
-    """A seeded random 2-layer model of ``arch`` for ``tokenizer``.
+def tiny_model(
+    arch: Architecture,
+    tokenizer: Any,
+    dtype: str,
+    device: str = "cpu",
+    widths: dict[str, int] | None = None,
+) -> Any:
+    """A seeded random 2-layer model of ``arch`` for ``tokenizer`` (``widths`` override
+    its sizes).
 
     Weights are drawn with std 0.2 (ten times the usual), so that outputs depend clearly
     on positions and context and wrong attention shows above the tolerances."""
@@ -124,6 +138,7 @@ def tiny_model(arch: Architecture, tokenizer: Any, dtype: str, device: str = "cp
         "eos_token_id": tokenizer.eos_token_id,
         "tie_word_embeddings": False,
         **arch.config,
+        **(widths or {}),
     }
     config = AutoConfig.for_model(arch.model_type, **settings)
     torch.manual_seed(0)
@@ -265,7 +280,7 @@ def run_matrix(
     prompt_dir: str | Path,
     *,
     architectures: Sequence[Architecture] = ARCHITECTURES,
-    dtypes: Iterable[str] = DTYPES,
+    dtypes: Iterable[str] | None = None,
     device: str = "cpu",
     additions: bool = False,
 ) -> list[dict[str, Any]]:
@@ -275,11 +290,11 @@ def run_matrix(
     reuse asked for), row by row (``added`` names it)."""
     rows = []
     for arch in architectures:
-        for dtype in dtypes:
-            model = tiny_model(arch, tokenizer, dtype, device)
-            reference = outputs(
-                ReferenceBackend(copy.deepcopy(model), tokenizer), tokenizer, prompt_dir
-            )
+        for dtype in matrix_dtypes(device) if dtypes is None else dtypes:
+            if dtype == NF4 and arch.name not in NF4_ARCHITECTURES:
+                continue
+            model, twin = _models(arch, tokenizer, dtype, device)
+            reference = outputs(ReferenceBackend(twin, tokenizer), tokenizer, prompt_dir)
             for label, engine in _engines(model, tokenizer, additions):
                 got = outputs(engine, tokenizer, prompt_dir)
                 for method, result in compare(got, reference).items():
@@ -288,6 +303,33 @@ def run_matrix(
                     rows.append(row)
             del model
     return rows
+
+
+def nf4_available(device: str = "cpu") -> bool:
+    """Whether NF4 rows can run here (bitsandbytes, and CUDA or its CPU code)."""
+    from emoprompt.models.loading import nf4_blocker
+
+    return nf4_blocker(device) is None
+
+
+def matrix_dtypes(device: str = "cpu") -> tuple[str, ...]:
+    """The dtypes of the matrix here: NF4 too where bitsandbytes can run it."""
+    return (*DTYPES, NF4) if nf4_available(device) else DTYPES
+
+
+def _models(arch: Architecture, tokenizer: Any, dtype: str, device: str) -> tuple[Any, Any]:
+    """The model the engine runs and an identical one for the reference backend."""
+    if dtype != NF4:
+        model = tiny_model(arch, tokenizer, dtype, device)
+        return model, copy.deepcopy(model)
+    from emoprompt.models.loading import load_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_model(arch, tokenizer, "float32", widths=NF4_WIDTHS).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        spec = {"dtype": "bfloat16", "quantization": "nf4"}
+        first, second = (load_model(spec, folder, device=device) for _ in range(2))
+        return first.model, second.model
 
 
 def _engines(model, tokenizer, additions: bool):

@@ -150,18 +150,60 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def nf4_blocker(device: str) -> str | None:
-    """Why bitsandbytes NF4 cannot run here, or None when it can."""
+#: bitsandbytes' NF4 runs on a CPU from this release (its own CPU code).
+NF4_CPU_SINCE = "0.49"
+#: Its CPU code quantises in blocks of 64 inputs: a narrower linear layer fails there.
+NF4_BLOCK = 64
+
+
+def bitsandbytes_installed() -> bool:
     from transformers.utils import is_bitsandbytes_available
 
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("CUDA is not available")
-    elif not device.startswith("cuda"):
-        missing.append(f"NF4 needs a CUDA device, not {device!r}")
-    if not is_bitsandbytes_available():
-        missing.append("bitsandbytes is not installed (pip install bitsandbytes)")
-    return "; ".join(missing) or None
+    return is_bitsandbytes_available()
+
+
+def nf4_blocker(device: str, path_or_id: str | None = None) -> str | None:
+    """Why bitsandbytes NF4 cannot run here, or None when it can: on CUDA, or on a CPU
+    with bitsandbytes 0.49 or newer and (given ``path_or_id``) layers it can quantise."""
+    if not bitsandbytes_installed():
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    if device.startswith("cuda"):
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device != "cpu":
+        return f"NF4 runs on CUDA or a CPU, not {device!r}"
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = version("bitsandbytes")
+    if Version(installed) < Version(NF4_CPU_SINCE):
+        return f"bitsandbytes {installed} runs NF4 on CUDA only ({NF4_CPU_SINCE} or newer on a CPU)"
+    return _narrow_layers(path_or_id) if path_or_id else None
+
+
+def _narrow_layers(path_or_id: str) -> str | None:
+    """Why bitsandbytes' CPU code cannot quantise this model's linear layers, or None."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path_or_id)
+    except (OSError, ValueError):
+        return None  # the load itself will say what is wrong
+    config = getattr(config, "text_config", config)
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1))
+    widths = {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": getattr(config, "intermediate_size", NF4_BLOCK),
+        "attention width": heads * head_dim or NF4_BLOCK,
+    }
+    narrow = [f"{k} {v}" for k, v in widths.items() if v % NF4_BLOCK]
+    if narrow:
+        return (
+            f"bitsandbytes' CPU code quantises layers in blocks of {NF4_BLOCK} inputs "
+            f"and this model has {', '.join(narrow)}"
+        )
+    return None
 
 
 def _weights_kwargs(spec: ModelSpec, path_or_id: str, device: str) -> tuple[dict, str | None]:
@@ -181,12 +223,13 @@ def _weights_kwargs(spec: ModelSpec, path_or_id: str, device: str) -> tuple[dict
         dtype = torch_dtype(name)
     if spec.quantization != "nf4":
         return {"dtype": dtype, "device_map": device}, None
-    blocker = nf4_blocker(device)
-    if blocker is None:
+    blocker = nf4_blocker(device, path_or_id)
+    if blocker is None:  # as the course notebook loads its model: bfloat16 compute
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
-        return {"quantization_config": config, "dtype": dtype, "device_map": "auto"}, None
+        device_map = "auto" if device.startswith("cuda") else device
+        return {"quantization_config": config, "dtype": dtype, "device_map": device_map}, None
     if not spec.allow_fallback:
         raise ModelLoadError(
             f"{path_or_id}: 4-bit NF4 was asked for but {blocker}; "

@@ -153,6 +153,8 @@ def _device_and_quantization(settings: FinetuneSettings, device: str | None) -> 
     device = device or default_device()
     if settings.quantization == "none":
         return device, "none"
+    if settings.quantization == "auto" and not device.startswith("cuda"):
+        return device, "none"  # auto: QLoRA on CUDA; a CPU trains in full precision
     blocker = nf4_blocker(device)
     if blocker is None:
         return device, "nf4"
