@@ -523,3 +523,28 @@ def test_a_short_training_in_process_writes_the_adapter_its_record_and_an_inspec
                      out=str(page))  # fmt: skip
     text = page.read_text()
     assert "tiny-ft" in text and len(text.splitlines()) > 5
+
+
+@pytest.mark.slow
+def test_a_qlora_adapter_trains_on_the_nf4_model_on_a_cpu(tmp_path, llama3_tokenizer):
+    """finetune quantization: nf4 on a CPU: QLoRA through bitsandbytes' CPU code on a
+    64-wide tiny Llama; the adapter is scored on validation loaded on its NF4 base.
+    (The default, quantization: auto, trains in full precision on a CPU.)"""
+    from emoprompt.bench.conformance import ARCHITECTURES, NF4_WIDTHS, nf4_available, tiny_model
+    from emoprompt.training.job import TrainingJob, _device_and_quantization, train
+
+    if not nf4_available():
+        pytest.skip("bitsandbytes cannot run NF4 here")
+    folder = tmp_path / "tiny-64"
+    tiny_model(ARCHITECTURES[0], llama3_tokenizer, "float32", widths=NF4_WIDTHS).save_pretrained(
+        folder
+    )
+    llama3_tokenizer.save_pretrained(folder)
+    job = json.loads(_job(tmp_path, folder, max_steps=3, epochs=1, quantization="nf4").read_text())
+    job["entry"] = {**job["entry"], "dtype": "bfloat16", "quantization": "nf4"}
+    train(TrainingJob(**job))
+    record = json.loads((tmp_path / "tiny-ft" / TRAINING_CONFIG).read_text())
+    assert record["quantization"] == "nf4" and record["steps"] == 3
+    assert record["validation"]["tweets"] == 12
+    auto = FinetuneSettings(quantization="auto")
+    assert _device_and_quantization(auto, "cpu") == ("cpu", "none")
