@@ -96,20 +96,18 @@ def refuse_leaks(
 def split_leaks(splits: Mapping[str, Rows]) -> list[str]:
     """Refuse a test tweet that is also in train or validation; return warnings: texts
     repeated inside train, and train tweets repeated in validation (the same repeats,
-    split apart by the validation draw)."""
-    test = splits["test"]
+    split apart by the validation draw). ``splits``: train, validation and test."""
+    train, validation, test = (splits[n] for n in ("train", "validation", "test"))
     refuse_leaks(
-        [(test, splits[name]) for name in ("train", "validation") if name in splits],
+        [(test, train), (test, validation)],
         "the test split would score tweets the model learnt or was tuned on; remove them "
         "from one of the files",
     )
-    warnings = []
-    repeats = sum(repeated_texts(splits[n]) for n in ("train", "validation") if n in splits)
-    if "validation" in splits:
-        repeats += len(shared_rows(splits["validation"], splits["train"]))
-    if repeats:
-        warnings.append(
-            f"{repeats} tweet text(s) of the train file are repeated in it (after "
-            "whitespace normalisation); kept as they are"
-        )
-    return warnings
+    repeats = repeated_texts(train) + repeated_texts(validation)
+    repeats += len(shared_rows(validation, train))
+    if not repeats:
+        return []
+    return [
+        f"{repeats} tweet text(s) of the train file are repeated in it (after whitespace "
+        "normalisation); kept as they are"
+    ]

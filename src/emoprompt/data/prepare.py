@@ -87,7 +87,7 @@ def prepare(
     rest, validation = split_validation(frames["train"], validation_size, seed)
     parts = {"train": rest, "validation": validation, "test": frames["dev"]}
     # Before anything is written: a test tweet that is also in train or validation.
-    places = {**frames["train"].attrs["places"]}
+    places = frames["train"].attrs["places"]
     checked = {
         "train": Rows("train", rest, [places[i] for i in rest["id"]]),
         "validation": Rows("validation", validation, [places[i] for i in validation["id"]]),

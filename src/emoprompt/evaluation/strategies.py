@@ -7,10 +7,11 @@ beside them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from emoprompt.models.catalogue import SERVED_REFUSALS
 from emoprompt.prompting.prompt_file import prompt_format
 
 
@@ -52,17 +53,20 @@ BASELINE_MODEL = "baseline"
 
 
 def strategies_for(
-    prompt_format: str, names: Sequence[str], *, served: str | None = None
+    prompt_format: str,
+    names: Sequence[str],
+    *,
+    served: str | None = None,
+    refused: Iterable[str] = (),
 ) -> list[str]:
-    """The strategies among ``names`` that apply to a model with this prompt format.
+    """The strategies among ``names`` that apply to a model with this prompt format and
+    none of whose methods are ``refused`` (a catalogue entry's ``refused_methods``).
 
-    ``served`` names the API of a model behind a server (``completions`` or ``chat``):
-    a server has no hidden states for the probe, and a chat API no log-probabilities of
-    given answer tokens for label likelihood."""
-    refused = {"completions": {"probe"}, "chat": {"probe", "label_likelihood"}}
-    if served is not None and served not in refused:
-        raise ValueError(f"served must be one of {sorted(refused)} or None, not {served!r}")
-    skip = refused.get(served, set())
+    ``served`` names the API of a model behind a server (``completions`` or ``chat``),
+    whose refusals are the catalogue's :data:`SERVED_REFUSALS`."""
+    if served is not None and served not in SERVED_REFUSALS:
+        raise ValueError(f"served must be one of {sorted(SERVED_REFUSALS)} or None, not {served!r}")
+    skip = set(refused) | set(SERVED_REFUSALS.get(served, ()))
     return [
         n
         for n in names

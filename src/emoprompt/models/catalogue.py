@@ -31,6 +31,14 @@ PromptFormat = Literal["chat", "plain"]
 MODELS_DIR = "data/models"
 
 
+#: The methods a served model cannot run, per API: a server has no hidden states (the
+#: probe); a chat API returns no log-probabilities of given answers (label likelihood).
+SERVED_REFUSALS = {
+    "completions": frozenset({"probe"}),
+    "chat": frozenset({"probe", "label_likelihood"}),
+}
+
+
 class CatalogueError(UserError, ValueError):
     """A catalogue entry is malformed; the message names the entry and the key."""
 
@@ -175,11 +183,7 @@ class ServedEntry(_Entry):
     retries: Annotated[int, Field(ge=0)] = 4
 
     def refused_methods(self) -> frozenset[str]:
-        """A server has no hidden states (the probe); a chat API returns no
-        log-probabilities of given answers (label likelihood)."""
-        if self.api == "chat":
-            return frozenset({"probe", "label_likelihood"})
-        return frozenset({"probe"})
+        return SERVED_REFUSALS[self.api]
 
     def location(self, name: str, catalogue: Catalogue) -> str:
         return catalogue.location(self.tokenizer) if self.tokenizer else ""

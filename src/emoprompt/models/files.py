@@ -17,11 +17,9 @@ class ModelFilesError(UserError, OSError):
     """A model folder lacks a file or holds a damaged one; the message names both the
     catalogue entry and the file."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
 
-
-def _where(name: str | None) -> str:
+def entry_prefix(name: str | None) -> str:
+    """``model_catalogue: NAME: `` before a message about an entry's model, if named."""
     return f"model_catalogue: {name}: " if name else ""
 
 
@@ -50,7 +48,7 @@ def check_model_folder(folder: str | os.PathLike[str], name: str | None = None) 
     """Refuse a local model folder that cannot load: missing, without config.json, a
     shard its index names absent, or a .safetensors file cut short or not one."""
     folder = Path(folder)
-    where = _where(name)
+    where = entry_prefix(name)
     if not folder.is_dir():
         raise ModelFilesError(f"{where}{folder}: no such folder")
     if not (folder / "config.json").is_file():

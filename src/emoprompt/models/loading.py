@@ -23,7 +23,7 @@ import torch
 from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import sha256_file
 from emoprompt.models.adapter import is_adapter, read_training_config
-from emoprompt.models.files import ModelFilesError, check_model_folder
+from emoprompt.models.files import check_model_folder, entry_prefix
 from emoprompt.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -263,16 +263,13 @@ def _loading(path_or_id: str, load, name: str | None = None):
     try:
         return load()
     except (OSError, ValueError, ImportError) as exc:
-        if isinstance(exc, ModelFilesError):
-            raise
         # Messages from transformers name the repository and file, not the token;
         # scrub it anyway in case a URL or header echo ever carries it.
         # The original exception is not chained for the same reason.
         message = str(exc).replace(token, "***") if token else str(exc)
         first = message.strip().splitlines()[0] if message.strip() else ""
-        where = f"model_catalogue: {name}: " if name else ""
         raise ModelLoadError(
-            f"{where}could not load {path_or_id}: {type(exc).__name__}: {first}"
+            f"{entry_prefix(name)}could not load {path_or_id}: {type(exc).__name__}: {first}"
         ) from None
 
 

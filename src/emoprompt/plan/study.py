@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from emoprompt.data.download import source_kind
-from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES
+from emoprompt.evaluation.strategies import BASELINE_MODEL, STRATEGIES, strategies_for
 from emoprompt.infra.errors import UserError
 from emoprompt.models.catalogue import (
     Catalogue,
@@ -138,21 +138,13 @@ class Study:
         """The configured strategies that fit ``model``: its prompt format, and none of
         the methods its source cannot run."""
         entry = self.catalogue[model]
-        refused = entry.refused_methods()
-        return [
-            name
-            for name in self.config["strategies"]
-            if STRATEGIES[name].prompt_format == entry.prompt_format
-            and STRATEGIES[name].method not in refused
-        ]
+        return strategies_for(
+            entry.prompt_format, self.config["strategies"], refused=entry.refused_methods()
+        )
 
     def refused_strategies(self, model: str) -> list[str]:
         """Configured strategies of ``model``'s prompt format its source cannot run."""
-        entry = self.catalogue[model]
-        fitting = [
-            n for n in self.config["strategies"]
-            if STRATEGIES[n].prompt_format == entry.prompt_format
-        ]  # fmt: skip
+        fitting = strategies_for(self.catalogue[model].prompt_format, self.config["strategies"])
         return [n for n in fitting if n not in self.strategies_of(model)]
 
     def prediction_pairs(self) -> list[tuple[str, str]]:
@@ -175,11 +167,11 @@ class Study:
         lines = []
         for model in self.config["models"]:
             entry, refused = self.catalogue[model], self.refused_strategies(model)
-            if isinstance(entry, ServedEntry) and entry.api == "chat" and refused:
+            scored = [r for r in refused if STRATEGIES[r].method == "label_likelihood"]
+            if isinstance(entry, ServedEntry) and entry.api == "chat" and scored:
                 lines.append(
                     f"model_catalogue: {model} uses a chat API (api: chat), which returns "
-                    "no log-probabilities of given answers: "
-                    f"{', '.join(r for r in refused if 'label_likelihood' in r)} not run for it"
+                    f"no log-probabilities of given answers: {', '.join(scored)} not run for it"
                 )
         return lines
 
