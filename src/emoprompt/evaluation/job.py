@@ -12,6 +12,7 @@ from emoprompt.evaluation.context import fit_to_context, truncation_record, unme
 from emoprompt.evaluation.predictions import Result, write_result
 from emoprompt.evaluation.runner import run_baseline, run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
+from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import sha256_file
 from emoprompt.infra.provenance import git_commit
 from emoprompt.infra.runtime import configure_cpu
@@ -19,7 +20,7 @@ from emoprompt.models.adapter import adapter_prompt
 from emoprompt.models.spec import ModelSpec
 from emoprompt.prompting.fewshot import check_calibration
 from emoprompt.prompting.fewshot import check_settings as check_few_shot
-from emoprompt.prompting.prompt_file import load_prompt_file
+from emoprompt.prompting.prompt_file import file_family, load_prompt_file
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def run_prediction(
         check_calibration(prompt, strategy.method == "label_likelihood" and run_settings.calibrate)
     # A chat API without a local tokenizer (a hosted model) has no location.
     tokenizer = load_tokenizer(spec, location) if location else None
+    check_chat_template(model_name, spec, tokenizer, prompt)
     if spec.served is not None:  # a server: checked before any prompt is built
         engine, info, context = _remote(spec, location, tokenizer, settings)
         batch_size = engine.client.max_concurrency
@@ -121,6 +123,19 @@ def run_prediction(
     return result
 
 
+def check_chat_template(model_name: str, spec: ModelSpec, tokenizer, prompt) -> None:
+    """Refuse, before the model loads, a chat prompt for a model whose tokenizer has no
+    chat template (a base model: its entry wants prompt_format: text)."""
+    if tokenizer is None or prompt.format != "chat" or getattr(tokenizer, "chat_template", None):
+        return
+    raise UserError(
+        f"model_catalogue: {model_name} has prompt_format: chat, but its tokenizer "
+        f"({spec.location}) has no chat template, so {prompt.path} (a chat prompt) cannot "
+        "be written for it; a base model takes prompt_format: text (the plain-text "
+        "prompts/zero_shot_text.yaml and few_shot_text.yaml)"
+    )
+
+
 def _provenance(sample_path: str, settings: Mapping[str, Any], workflow_dir: str | None):
     """The evaluation sample (file, digest, seed) and the workflow's git commit."""
     return {
@@ -146,7 +161,7 @@ def _adapter_validation(spec: ModelSpec, strategy_name: str) -> dict[str, Any]:
 def _job_prompt(strategy, prompt_path: str, settings: Mapping[str, Any], spec: ModelSpec):
     """The strategy's prompt file, with a grid's few-shot seed and a fine-tuned model's
     own label set (and template) applied."""
-    prompt = load_prompt_file(prompt_path, strategy.family)
+    prompt = load_prompt_file(prompt_path, file_family(strategy.family, spec.prompt_format))
     if settings.get("fewshot_seed") is not None and strategy.family == "few_shot":
         # A study grid's few-shot seed replaces the prompt file's.
         seed = int(settings["fewshot_seed"])

@@ -60,8 +60,8 @@ def build_prompts(
         for test_id, tweet in zip(sample["id"], sample["tweet"], strict=True)
     ]
     first_id = sample["id"].iloc[0]
-    example = prompt_record(prompt, shots_of.get(first_id, ()))["messages"]
-    record.update(messages=example, prompt_sha256=prompt_sha256(example))
+    asked = prompt_record(prompt, shots_of.get(first_id, ()))  # the messages, or the text
+    record.update(asked, prompt_sha256=prompt_sha256(next(iter(asked.values()))))
     return parts, record
 
 

@@ -24,7 +24,7 @@ from emoprompt.evaluation.predictions import (
 )
 from emoprompt.evaluation.prompts import build_prompts, content_free_prompt
 from emoprompt.evaluation.strategies import BASELINE_MODEL, Settings, Strategy
-from emoprompt.inference.backend import Backend
+from emoprompt.inference.backend import END_OF_TURN, Backend
 from emoprompt.labels import LABELS
 from emoprompt.prompting.parsing import parse_label
 from emoprompt.prompting.prompt_file import PromptFile
@@ -40,10 +40,13 @@ def calibrated(
     content_free: Sequence[PromptParts],
     labels: Sequence[str],
     normalize: bool,
+    end_token: str | None = END_OF_TURN,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Contextual calibration (Zhao et al., 2021): ``probs`` divided by the prior, the
     mean label probabilities of the ``content_free`` prompts, renormalised; and the prior."""
-    logprobs = backend.label_logprobs(list(content_free), labels, normalize=normalize)
+    logprobs = backend.label_logprobs(
+        list(content_free), labels, normalize=normalize, end_token=end_token
+    )
     prior = softmax(logprobs).mean(axis=0)
     out = probs / prior
     return out / out.sum(axis=1, keepdims=True), prior
@@ -64,14 +67,23 @@ def to_seven(probs: np.ndarray, labels: Sequence[str], label_map: Mapping[str, s
     return out
 
 
-def _generated(backend: Backend, parts, labels, label_map, settings: Settings):
-    """Generate, then parse: (predicted classes, parsed flags, raw answers)."""
+def end_of_answer(prompt: PromptFile) -> str | None:
+    """What ends an answer, scored after each label: the end of the turn, or for a base
+    model's plain text the end of the line (its next line would start another block)."""
+    return "\n" if prompt.format == "text" else END_OF_TURN
+
+
+def _generated(backend: Backend, parts, prompt: PromptFile, settings: Settings):
+    """Generate, then parse: (predicted classes, parsed flags, raw answers). A base
+    model's answer is its first line (it would go on with another block)."""
+    labels, label_map = prompt.labels, prompt.label_map
     generations = backend.generate(
         parts,
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
         temperature=settings.temperature,
         seed=settings.seed,
+        stop_at_newline=prompt.format == "text",
     )
     raw = [g.text for g in generations]
     answers = [parse_label(text, labels, fallback=None) for text in raw]
@@ -82,17 +94,19 @@ def _generated(backend: Backend, parts, labels, label_map, settings: Settings):
 
 def _scored(strategy, backend, tokenizer, prompt, train, sample, parts, settings, record):
     """Probabilities over the prompt's labels (first token, or calibrated likelihoods)."""
-    labels = prompt.labels
+    labels, answers = prompt.labels, prompt.answers()  # answers: the labels as written
     if strategy.method == "first_token":
-        record["label_first_tokens"] = backend.label_first_tokens(labels, parts[0].text)
-        return backend.first_token_probs(parts, labels)
-    probs = softmax(backend.label_logprobs(parts, labels, normalize=settings.length_normalize))
+        record["label_first_tokens"] = backend.label_first_tokens(answers, parts[0].text)
+        return backend.first_token_probs(parts, answers)
+    end = end_of_answer(prompt)
+    normalize = settings.length_normalize
+    probs = softmax(backend.label_logprobs(parts, answers, normalize=normalize, end_token=end))
     if settings.calibrate:
         content_free = [
             content_free_prompt(strategy, prompt, tokenizer, train, sample, text, settings)
             for text in CONTENT_FREE
         ]
-        probs, prior = calibrated(backend, probs, content_free, labels, settings.length_normalize)
+        probs, prior = calibrated(backend, probs, content_free, answers, normalize, end)
         record["calibration_prior"] = dict(zip(labels, prior.round(6).tolist(), strict=True))
     return probs
 
@@ -132,7 +146,7 @@ def run_llm_strategy(
     start = time.perf_counter()
     probs7 = np.full((len(parts), len(LABELS)), np.nan)
     if strategy.method == "generate":
-        predicted, parsed, raw = _generated(backend, parts, labels, label_map, settings)
+        predicted, parsed, raw = _generated(backend, parts, prompt, settings)
     else:
         probs = _scored(
             strategy, backend, tokenizer, prompt, train, sample, parts, settings, record

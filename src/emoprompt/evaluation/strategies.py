@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emoprompt.models.catalogue import SERVED_REFUSALS
-from emoprompt.prompting.prompt_file import prompt_format
+from emoprompt.prompting.prompt_file import TEXT_FAMILIES, prompt_format
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,14 @@ class Strategy:
         if self.family is None:
             return None
         return prompt_format(self.family)
+
+    def fits(self, model_format: str) -> bool:
+        """Whether a model with this catalogue ``prompt_format`` runs the strategy: a base
+        model (``text``) runs the chat models' zero/few-shot strategies and the probe,
+        through plain-text prompt files."""
+        if model_format == "text":
+            return self.method == "probe" or self.family in TEXT_FAMILIES
+        return self.prompt_format == model_format
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -68,9 +76,7 @@ def strategies_for(
         raise ValueError(f"served must be one of {sorted(SERVED_REFUSALS)} or None, not {served!r}")
     skip = set(refused) | set(SERVED_REFUSALS.get(served, ()))
     return [
-        n
-        for n in names
-        if STRATEGIES[n].prompt_format == prompt_format and STRATEGIES[n].method not in skip
+        n for n in names if STRATEGIES[n].fits(prompt_format) and STRATEGIES[n].method not in skip
     ]
 
 

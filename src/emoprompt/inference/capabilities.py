@@ -7,7 +7,11 @@ has been proven to. The speed-ups, by name (:data:`SPEEDUPS`):
   batch feeds only its rows' own tokens on top of its KV cache. Left-padded rows after a
   shared prefix have pad gaps in the middle (``[prefix | pads | suffix]``): masks and
   positions make that exact for full attention, but a sliding window counts cache slots,
-  not real tokens, so a padded row would see fewer real tokens than it does alone.
+  not real tokens, so a padded row would see fewer real tokens than it does alone. Under
+  a window (:func:`attention_window`) a prompt therefore reuses a prefix only when its
+  whole row - prefix, padding, suffix and every token fed after it - fits the window,
+  where windowed attention sees what full attention sees; the planner decides that per
+  prompt, so every batch that reuses a prefix fits (:mod:`emoprompt.inference.planning`).
 * ``shared_attention`` - rows that continue one cached prefix share one copy of it and
   attend to it all at once (:mod:`emoprompt.inference.attention`).
 * ``tree_labels`` - label likelihoods score all labels of a batch in one extra pass, the
@@ -53,9 +57,10 @@ log = logging.getLogger(__name__)
 
 SPEEDUPS = ("prefix_reuse", "shared_attention", "tree_labels", "packed_weights")
 _ALL = frozenset(SPEEDUPS)
-# Full attention everywhere: every speed-up. A sliding window: no prefix reuse (mid-row
-# padding), so no shared prefix either; the label tree's 4D mask bypasses the window.
-_WINDOWED = _ALL - {"prefix_reuse", "shared_attention", "tree_labels"}
+# Full attention everywhere: every speed-up. A sliding window: prefix reuse for the rows
+# that fit the window (the planner's condition), no shared-prefix attention (it does not
+# apply windows) and no label tree (its 4D mask bypasses the window).
+_WINDOWED = _ALL - {"shared_attention", "tree_labels"}
 # bfloat16: oneDNN packing is for float32 weights.
 _BF16 = _ALL - {"packed_weights"}
 
@@ -89,8 +94,7 @@ def _rows(
     quantization: str = "none",
 ) -> dict[ModelKey, frozenset[str]]:
     return {
-        ModelKey(a, attention, "cpu", dtype, quantization, adapter): speedups
-        for a in architectures
+        ModelKey(a, attention, "cpu", dtype, quantization, adapter): speedups for a in architectures
     }
 
 
@@ -127,6 +131,17 @@ def is_sliding(config: Any) -> bool:
     if getattr(config, "use_sliding_window", True) is False:
         return False
     return getattr(config, "sliding_window", None) is not None
+
+
+def attention_window(model: Any) -> int | None:
+    """The narrowest window (in cache slots) through which any layer of ``model``
+    attends: a sliding window or an attention chunk; None for full attention."""
+    config = base_model(model).config
+    if not is_sliding(config):
+        return None
+    sizes = [getattr(config, key, None) for key in ("sliding_window", "attention_chunk_size")]
+    sizes = [int(size) for size in sizes if size]
+    return min(sizes) if sizes else 0  # a window of unknown size: nothing fits it
 
 
 def attention_of(model: Any) -> str:
@@ -272,6 +287,9 @@ def detect(
         if caps.packed is None:
             wanted.discard("packed_weights")
     caps.speedups = frozenset(wanted)
+    window = attention_window(model)
+    if window is not None and "prefix_reuse" in caps.speedups:
+        caps.notes.append(f"prefix_reuse: rows that fit the {window}-token window only")
     log.info(
         "%s: speed-ups %s%s",
         key,

@@ -101,6 +101,7 @@ class Engine(Backend):
             # favour full batches.
             pass_cost_tokens=32 if self.device.type == "cpu" else 4096,
             reuse_prefix=self.capabilities.uses("prefix_reuse"),
+            window=capabilities.attention_window(model),
         )
 
     @property

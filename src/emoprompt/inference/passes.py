@@ -187,7 +187,7 @@ class ForwardPasses:
     ) -> Iterator[Batch]:
         """Feed the prompts batch by batch (grouped by prefix) and yield each batch's state
         (its last logits over the token ids ``columns`` only, when given)."""
-        groups = planner.plan(prompts)
+        groups = planner.plan(prompts, extra)
         self.stats["prompts"] += len(prompts)
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not self.progress) as bar:
             for group in groups:

@@ -7,6 +7,12 @@ Besides the declared prefix, the tokens that all prompts of a group start with (
 user-turn header, or the system prompt of prompts that fell back) join the cached
 prefix. Batches are runs of the prompts sorted by length, split so as to minimise
 padded tokens plus a per-pass cost.
+
+Under a sliding window (``window``) a row that reuses a prefix has its pad gap inside the
+window, which is exact only while the whole row - the prompt and every token fed after
+it (``extra``) - fits the window: prompts that do not fit are fed whole instead (left
+padding only, the safe path), counted in ``stats["outside_window"]``. Rows are at most
+as wide as the longest prompt of their batch, so every batch that reuses a prefix fits.
 """
 
 from __future__ import annotations
@@ -58,14 +64,16 @@ class BatchPlanner:
     max_batch_tokens: int
     pass_cost_tokens: int
     reuse_prefix: bool = True
+    window: int | None = None  # the model's attention window (None: full attention)
 
-    def plan(self, prompts: Sequence[PromptParts]) -> list[Group]:
+    def plan(self, prompts: Sequence[PromptParts], extra: int = 0) -> list[Group]:
         """Encode the prompts and group them by shared prefix.
 
         Prompts whose prefix is shared (and splits at a token boundary) go to that
         prefix's group; the others are fed whole, grouped by their declared prefix
         (fallbacks) or all together. Then every group's common first tokens join its
-        prefix (:func:`share_common_start`).
+        prefix (:func:`share_common_start`), and under a window the prompts that would
+        not fit it with ``extra`` more tokens leave their prefix (:meth:`_fit_window`).
         """
         pairs = [(p.prefix, p.suffix) for p in prompts]  # any object with the two fields
         counts = Counter(prefix for prefix, _ in pairs)
@@ -104,7 +112,34 @@ class BatchPlanner:
                 share_common_start(group)
         if failed:
             self._report_fallbacks(pairs, failed, groups)
-        return list(groups.values())
+        return self._fit_window(list(groups.values()), extra)
+
+    def _fit_window(self, groups: list[Group], extra: int) -> list[Group]:
+        """Under a window: every prompt of a prefix group whose row (``n_prompt +
+        extra`` cache slots) would not fit it, fed whole in a group of its own."""
+        if self.window is None:
+            return groups
+        whole = Group([])
+        for group in groups:
+            if not group.prefix_ids:
+                continue
+            outside = [it for it in group.items if it.n_prompt + extra > self.window]
+            if not outside:
+                continue
+            group.items = [it for it in group.items if it.n_prompt + extra <= self.window]
+            for it in outside:
+                whole.items.append(Item(it.index, group.prefix_ids + it.ids, it.n_prompt))
+        if whole.items:
+            self.stats["outside_window"] += len(whole.items)
+            log.info(
+                "%d of the prompts do not fit the %d-token attention window with %d more "
+                "tokens: fed whole, without prefix reuse",
+                len(whole.items),
+                self.window,
+                extra,
+            )
+        kept = [group for group in groups if group.items]
+        return kept + ([whole] if whole.items else [])
 
     def _report_fallbacks(
         self, pairs: list[tuple[str, str]], failed: list[int], groups: dict[tuple[str, str], Group]

@@ -68,8 +68,13 @@ def label_logprobs(
         for row in rules.label_seqs([p.prefix + p.suffix for p in prompts], labels)
     ]
     out = np.zeros((len(prompts), len(labels)), dtype=np.float64)
-    longest = max(sum(len(s) for s in row) for row in seqs)
-    for batch in passes.run(planner, prompts, "label likelihoods", extra=longest, passes=2):
+    # The tokens fed after a prompt: all its labels side by side in the label tree, else
+    # one label at a time on a copy of the cache.
+    if passes.caps.uses("tree_labels"):
+        extra = max(sum(len(s) for s in row) for row in seqs)
+    else:
+        extra = max(len(s) for row in seqs for s in row)
+    for batch in passes.run(planner, prompts, "label likelihoods", extra=extra, passes=2):
         rows = [seqs[it.index] for it in batch.items]
         scores = score_continuations(passes, batch, rows, dtype)
         if normalize:

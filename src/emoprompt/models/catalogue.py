@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from emoprompt.infra.errors import UserError
 
-PromptFormat = Literal["chat", "plain"]
+PromptFormat = Literal["chat", "plain", "text"]
 MODELS_DIR = "data/models"
 
 
@@ -89,17 +89,45 @@ class _Loaded(_Entry):
     allow_fallback: bool = False
 
 
+class GgufPart(BaseModel):
+    """One piece of a GGUF split over several packages: a file inside a package."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str
+    file: str
+
+
 class EmbeddedEntry(_Loaded):
+    """A GGUF inside an installed package (``gguf_package``), or split over several
+    (``gguf_parts``, concatenated in order into ``gguf_file``); ``gguf_sha256`` pins it."""
+
     source: Literal["embedded"]
-    gguf_package: str
     gguf_file: str
+    gguf_package: str | None = None
+    gguf_parts: list[GgufPart] = Field(default_factory=list)
+    gguf_sha256: Annotated[str, Field(pattern="^[0-9a-f]{64}$")] | None = None
 
     def location(self, name: str, catalogue: Catalogue) -> str:
         return f"{MODELS_DIR}/{name}"
 
-    def gguf_source(self) -> dict[str, str]:
+    def check(self, name: str, catalogue: Catalogue) -> None:
+        if (self.gguf_package is None) == (not self.gguf_parts):
+            raise CatalogueError(
+                f"model_catalogue: {name}: give either gguf_package (the GGUF inside one "
+                "package) or gguf_parts (a GGUF split over several), not "
+                + ("both" if self.gguf_package else "neither")
+            )
+
+    def gguf_source(self) -> dict[str, Any]:
         """What rule convert_model converts."""
-        return {"package": self.gguf_package, "file": self.gguf_file, "dtype": self.dtype}
+        return {
+            "package": self.gguf_package,
+            "file": self.gguf_file,
+            "parts": [part.model_dump() for part in self.gguf_parts],
+            "sha256": self.gguf_sha256,
+            "dtype": self.dtype,
+        }
 
 
 class HubEntry(_Loaded):

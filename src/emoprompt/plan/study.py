@@ -23,12 +23,16 @@ from emoprompt.models.catalogue import (
     ServedEntry,
 )
 from emoprompt.plan.config import merged_config
+from emoprompt.prompting.prompt_file import file_family
 
 #: The prompt file of each prompt family (the files the user edits).
 PROMPT_FILES = {
     "zero_shot": "prompts/zero_shot.yaml",
     "few_shot": "prompts/few_shot.yaml",
     "finetuned": "prompts/finetuned.yaml",
+    # the zero/few-shot families as plain text, for base models (prompt_format: text)
+    "zero_shot_text": "prompts/zero_shot_text.yaml",
+    "few_shot_text": "prompts/few_shot_text.yaml",
 }
 TRAIN = "data/processed/train.tsv"
 VALIDATION = "data/processed/validation.tsv"
@@ -159,8 +163,25 @@ class Study:
         return [m for m in self.config["models"] if m in studied]
 
     def families(self) -> list[str]:
-        """The prompt families the configured strategies use."""
-        return sorted({STRATEGIES[name].family for name in self.config["strategies"]} - {None})
+        """The prompt files' families the configured strategies use (the plain-text
+        files of the zero/few-shot families too, where a base model runs them)."""
+        families = {STRATEGIES[name].family for name in self.config["strategies"]} - {None}
+        families |= {
+            self.prompt_family(model, strategy)
+            for model in self.config["models"]
+            for strategy in self.strategies_of(model)
+            if STRATEGIES[strategy].family is not None
+        }
+        return sorted(families)
+
+    def prompt_family(self, model: str, strategy: str) -> str:
+        """The prompt file ``model`` reads for ``strategy``'s family (PROMPT_FILES key)."""
+        family = STRATEGIES[strategy].family
+        return file_family(family, self.catalogue[model].prompt_format)
+
+    def inspect_prompt(self, model: str) -> str:
+        """The zero-shot prompt file an inspection page renders for ``model``."""
+        return PROMPT_FILES[file_family("zero_shot", self.catalogue[model].prompt_format)]
 
     def warnings(self) -> list[str]:
         """What runs differently from what was asked, said once when the workflow starts."""
@@ -177,7 +198,7 @@ class Study:
 
     # --- jobs: inputs and parameters ------------------------------------------------
     def predict_inputs(self, model: str, strategy: str, sample: str = SAMPLE) -> dict[str, Any]:
-        family = STRATEGIES[strategy].family
+        family = self.prompt_family(model, strategy)
         return {"train": TRAIN, "sample": sample, "prompt": PROMPT_FILES[family],
                 "model": self.model_files(model)}  # fmt: skip
 

@@ -2,7 +2,12 @@
 
 ``zero_shot`` and ``few_shot`` files hold chat messages (system prompt, user turn, and
 for few-shot the assistant turn, the number of shots and how they are selected);
-``finetuned`` holds the plain template of a fine-tuned model and its label set.
+``finetuned`` holds the plain template of a fine-tuned model and its label set. A base
+model without a chat template (catalogue ``prompt_format: text``) reads the zero- and
+few-shot families from plain-text files instead (``zero_shot_text.yaml``,
+``few_shot_text.yaml``): an instruction, then a ``template`` block per tweet
+(``Tuit: {tweet}`` / ``Emoción:``) whose ``answer`` (`` {label}``) solves it - the
+shots as solved blocks, the tweet's block left open.
 """
 
 from __future__ import annotations
@@ -32,22 +37,52 @@ FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "variables": dict,
     },
     "finetuned": {"template": str, "labels": list, "label_map": dict, "variables": dict},
+    # The zero- and few-shot families as plain text, for base models (prompt_format: text).
+    "zero_shot_text": {"instruction": str, "template": str, "answer": str, "variables": dict},
+    "few_shot_text": {
+        "instruction": str,
+        "template": str,
+        "answer": str,
+        "shots": int,
+        "selection": str,
+        "seed": int,
+        "manual_ids": list,
+        "variables": dict,
+    },
 }
 OPTIONAL_KEYS = {
     "zero_shot": {"variables"},
     "few_shot": {"manual_ids", "seed", "variables"},
     "finetuned": {"label_map", "variables"},
+    "zero_shot_text": {"variables"},
+    "few_shot_text": {"manual_ids", "seed", "variables"},
 }
 #: The placeholders each text key fills (besides the file's own ``variables``).
-PLACEHOLDERS = {"system": (), "user": ("tweet",), "assistant": ("label",), "template": ("tweet",)}
+PLACEHOLDERS = {
+    "system": (),
+    "user": ("tweet",),
+    "assistant": ("label",),
+    "template": ("tweet",),
+    "instruction": (),
+    "answer": ("label",),
+}
+#: The families a base model (prompt_format: text) reads from plain-text files.
+TEXT_FAMILIES = ("zero_shot", "few_shot")
 #: ``{name}`` is a placeholder; ``{{name}}`` writes ``{name}`` itself; other braces (a
 #: JSON example, say) are text.
 PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
 
 
 def prompt_format(family: str) -> str:
-    """``plain`` for the fine-tuned family's template, ``chat`` for the others."""
+    """``plain`` for the fine-tuned family's template, ``chat`` for the others (their
+    chat files; a base model reads them as ``text``: :func:`file_family`)."""
     return "plain" if family == "finetuned" else "chat"
+
+
+def file_family(family: str, model_format: str) -> str:
+    """The prompt file a model of ``model_format`` reads for ``family``: the family's
+    plain-text file (``zero_shot_text``...) for a base model (``text``), else its own."""
+    return f"{family}_text" if model_format == "text" and family in TEXT_FAMILIES else family
 
 
 class PromptError(UserError, ValueError):
@@ -61,12 +96,23 @@ class PromptFile:
     family: str
     path: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    text: bool = False  # the family's plain-text file, for a base model
 
     @property
     def format(self) -> str:
-        """How the prompt is written: ``plain`` text (a fine-tuned model's template) or
-        through the model's ``chat`` template."""
-        return prompt_format(self.family)
+        """How the prompt is written: ``plain`` text (a fine-tuned model's template),
+        ``text`` (instruction and solved blocks, for a base model) or through the
+        model's ``chat`` template."""
+        return "text" if self.text else prompt_format(self.family)
+
+    def answers(self, labels: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """``labels`` (default: the prompt's) as an answer writes them right after the
+        prompt: through the ``answer`` key in a plain-text file (`` Alegría``)."""
+        labels = self.labels if labels is None else labels
+        if not self.text:
+            return labels
+        variables = self.settings.get("variables") or {}
+        return tuple(fill(self.settings["answer"], {**variables, "label": lab}) for lab in labels)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -117,9 +163,11 @@ def fill(template: str, values: Mapping[str, str]) -> str:
 
 
 def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
-    """Read and check a prompt file of ``family`` (zero_shot, few_shot or finetuned)."""
+    """Read and check a prompt file of ``family`` (zero_shot, few_shot or finetuned; or
+    zero_shot_text, few_shot_text: those families as plain text, see :func:`file_family`)."""
     if family not in FAMILY_KEYS:
         raise PromptError(f"unknown prompt family {family!r}")
+    text = family.endswith("_text")
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -145,6 +193,8 @@ def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
             raise PromptError(f"{path}: {key!r} must contain the placeholder {{tweet}}")
     if family == "few_shot" and "{label}" not in data["assistant"]:
         raise PromptError(f"{path}: 'assistant' must contain the placeholder {{label}}")
+    if text and "{label}" not in data["answer"]:
+        raise PromptError(f"{path}: 'answer' must contain the placeholder {{label}}")
     if family == "finetuned":
         bad = [t for t in data.get("label_map", {}).values() if t not in LABELS]
         unmapped = [
@@ -157,4 +207,4 @@ def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
                 f"{path}: every label must be one of {', '.join(LABELS)} or mapped to one "
                 f"in label_map (problem with: {', '.join(bad + unmapped)})"
             )
-    return PromptFile(family=family, path=str(path), settings=data)
+    return PromptFile(family=family.removesuffix("_text"), path=str(path), settings=data, text=text)

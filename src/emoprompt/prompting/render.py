@@ -87,6 +87,29 @@ def transcript(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def render_text(
+    prompt: PromptFile, tweet: str, shots: Sequence[tuple[str, str]] = ()
+) -> PromptParts:
+    """A base model's plain-text prompt: the instruction, each shot as a solved block
+    (``template`` then ``answer``), then the tweet's block, open where the answer goes.
+    Everything before the tweet is shared."""
+    marker = "\x00tweet\x00"  # cannot come from a YAML prompt file
+    blocks = [_fill(prompt, "instruction")]
+    for shot_tweet, shot_label in shots:
+        blocks.append(_fill(prompt, "template", tweet=shot_tweet) + _answer(prompt, shot_label))
+    blocks.append(_fill(prompt, "template", tweet=marker))
+    head, _, tail = "\n\n".join(blocks).partition(marker)
+    # The space before the tweet goes with it: tokenizers write it into the tweet's
+    # first token (SentencePiece's "▁word"), so a prefix ending in it would not split
+    # at a token boundary.
+    shared = head.rstrip(" ")
+    return PromptParts(prefix=shared, suffix=head[len(shared) :] + tweet + tail)
+
+
+def _answer(prompt: PromptFile, label: str) -> str:
+    return prompt.answers((label,))[0]
+
+
 def render_plain(prompt: PromptFile, tweet: str) -> PromptParts:
     """The fine-tuned model's plain prompt: the part before {tweet} is shared."""
     marker = "\x00tweet\x00"  # cannot come from a YAML prompt file
@@ -108,10 +131,13 @@ def render(
     shots: Sequence[tuple[str, str]] = (),
     template_kwargs: Mapping[str, Any] | None = None,
 ) -> PromptParts:
-    """The prompt for ``tweet``: the plain template of a fine-tuned prompt file, or the
-    chat messages (with ``shots`` as earlier turns) through the tokenizer's template."""
+    """The prompt for ``tweet``: the plain template of a fine-tuned prompt file, a base
+    model's plain text (with ``shots`` as solved blocks), or the chat messages (with
+    ``shots`` as earlier turns) through the tokenizer's template."""
     if prompt.format == "plain":
         return render_plain(prompt, tweet)
+    if prompt.format == "text":
+        return render_text(prompt, tweet, shots)
     return render_chat(tokenizer, chat_messages(prompt, tweet, shots), template_kwargs)
 
 
@@ -119,4 +145,6 @@ def prompt_record(prompt: PromptFile, shots: Sequence[tuple[str, str]] = ()) -> 
     """What was asked, for the records: the template, or the messages with ``{tweet}``."""
     if prompt.format == "plain":
         return {"template": prompt.settings["template"]}
+    if prompt.format == "text":
+        return {"text": render_text(prompt, "{tweet}", shots).text}
     return {"messages": chat_messages(prompt, "{tweet}", shots)}

@@ -10,7 +10,7 @@ from emoprompt.inference.tokens import TokenizerRules
 from emoprompt.infra.files import atomic_open
 from emoprompt.models.adapter import adapter_prompt
 from emoprompt.models.spec import ModelSpec
-from emoprompt.prompting.prompt_file import load_prompt_file
+from emoprompt.prompting.prompt_file import file_family, load_prompt_file
 from emoprompt.prompting.render import render
 
 GPT2_SPACE = "Ġ"  # how byte-level BPE shows the space byte inside a token
@@ -128,12 +128,12 @@ def write_inspection(
     if spec.prompt_format == "plain":
         prompt = load_prompt_file(finetuned_prompt_path, "finetuned")
     else:
-        prompt = load_prompt_file(prompt_path, "zero_shot")
+        prompt = load_prompt_file(prompt_path, file_family("zero_shot", spec.prompt_format))
     if spec.adapter:  # a fine-tuned model's own label set (and template)
         prompt = adapter_prompt(prompt, spec.adapter)
     text = render(prompt, tweet, loaded.tokenizer, template_kwargs=spec.chat_template_kwargs).text
     labels = list(prompt.labels)
-    label_tokens = TokenizerRules(loaded.tokenizer).label_tokens(labels, text)
+    label_tokens = TokenizerRules(loaded.tokenizer).label_tokens(list(prompt.answers()), text)
     page = inspection_markdown(
         model_name, loaded.model, loaded.tokenizer, loaded.info, tweet, text, labels, label_tokens
     )
