@@ -100,8 +100,9 @@ ui: setup
 BENCH_MODEL ?= smollm2-135m-instruct
 # Data and model as the workflow prepared them (made here if missing, not remade when
 # only the settings they were made with changed).
-bench: setup
+bench: setup gemma-setup
 	$(BIN)/snakemake data/processed/train.tsv data/processed/test.tsv data/models/$(BENCH_MODEL) \
+	  data/models/gemma-3-270m \
 	  --cores $(CORES) $(if $(DATA),--config data_source=$(DATA)) --rerun-triggers mtime
 	$(BIN)/python benchmarks/run.py --model $(BENCH_MODEL) -- --model $(BENCH_MODEL)
 

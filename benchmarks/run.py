@@ -22,10 +22,13 @@ from pathlib import Path
 from harness.measure import case_args, default_plan, machine_info
 from harness.tables import add_ratios, describe_run, render_markdown, replace_block
 
+from emoprompt.bench.conformance import nf4_available
 from emoprompt.inference.serve import VllmServer, find_vllm, vllm_command, vllm_environment
 from emoprompt.infra.files import atomic_open, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The sliding-window model whose prefix reuse ``make bench`` measures (where converted).
+WINDOW_MODEL = "gemma-3-270m"
 
 
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
@@ -105,9 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     vllm = find_vllm(ROOT / ".venv-vllm")
     if vllm is None:
         print("vLLM is not installed (make vllm-setup): its cases are left out", flush=True)
+    nf4 = nf4_available()
+    if not nf4:
+        print("bitsandbytes cannot run NF4 here: its cases are left out", flush=True)
+    window_model = None
+    if (ROOT / "data" / "models" / WINDOW_MODEL).is_dir():
+        window_model = WINDOW_MODEL
+    else:
+        print(f"{WINDOW_MODEL} is not converted (make gemma-setup): its cases are left out")
     plan = [
         c
-        for c in default_plan(args.batch_size, vllm=vllm is not None)
+        for c in default_plan(
+            args.batch_size, vllm=vllm is not None, nf4=nf4, window_model=window_model
+        )
         if (not args.only or c.method in args.only)
         and (not args.backends or c.backend in args.backends)
     ]
@@ -116,14 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     for number, case in enumerate(plan, 1):
         print(f"[{number}/{len(plan)}] {case.key}", flush=True)
         start = time.perf_counter()
-        command = [sys.executable, str(ROOT / "benchmarks" / "inference.py"), *case_args(case)]
+        # the case's own arguments last: they name its model where it is another one
+        command = [sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--out",
+                   str(cases_dir), *args.rest, *case_args(case)]  # fmt: skip
         if case.backend == "vllm":
             command += ["--server", servers.running(case.load_dtype or "float32")]
         else:
             servers.stop()  # nothing else runs beside a case
         with open(logs / f"{case.key}.log", "w") as log:
             done = subprocess.run(
-                [*command, "--out", str(cases_dir), *args.rest],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 check=False,

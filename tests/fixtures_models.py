@@ -35,6 +35,14 @@ import pytest
 import torch
 from filelock import FileLock
 
+from emoprompt.bench import llama3
+from emoprompt.bench.llama3 import (  # noqa: F401 - the tests import them from here
+    LLAMA3_BASE_VOCAB,
+    LLAMA3_PATTERN,
+    LLAMA3_SPECIAL_TOKENS,
+    LLAMA3_STOP_IDS,
+    LLAMA3_VOCAB_SIZE,
+)
 from emoprompt.infra.files import atomic_path
 from emoprompt.models.gguf import convert_gguf, embedded_gguf, embedded_gguf_path
 from emoprompt.models.loading import ModelLoadError, load_model, prepare_tokenizer
@@ -49,130 +57,6 @@ CPU_SPEC = {
     "allow_fallback": False,
     "revision": None,
 }
-
-# The Llama 3 pre-tokenizer split (as in llama_models/llama3/tokenizer.py).
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_BASE_VOCAB = 128_000
-# Llama 3.1/3.2 special tokens in id order from 128000, as named in Meta's Hugging
-# Face tokenizer.json; the remaining ids are reserved tokens, 256 in all.
-_NAMED_SPECIAL_TOKENS = [
-    "<|begin_of_text|>",  # 128000
-    "<|end_of_text|>",  # 128001
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",  # 128004
-    "<|reserved_special_token_2|>",
-    "<|start_header_id|>",  # 128006
-    "<|end_header_id|>",  # 128007
-    "<|eom_id|>",  # 128008, end of message (tool calls)
-    "<|eot_id|>",  # 128009, end of turn
-    "<|python_tag|>",  # 128010
-]
-LLAMA3_SPECIAL_TOKENS = _NAMED_SPECIAL_TOKENS + [
-    f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(_NAMED_SPECIAL_TOKENS))
-]
-LLAMA3_VOCAB_SIZE = LLAMA3_BASE_VOCAB + len(LLAMA3_SPECIAL_TOKENS)  # 128256
-LLAMA3_STOP_IDS = [128001, 128008, 128009]  # Llama 3.2 Instruct generation_config eos
-
-# The chat template of meta-llama/Llama-3.2-1B-Instruct and -3B-Instruct.
-LLAMA32_CHAT_TEMPLATE = """\
-{{- bos_token }}
-{%- if custom_tools is defined %}
-    {%- set tools = custom_tools %}
-{%- endif %}
-{%- if not tools_in_user_message is defined %}
-    {%- set tools_in_user_message = true %}
-{%- endif %}
-{%- if not date_string is defined %}
-    {%- if strftime_now is defined %}
-        {%- set date_string = strftime_now("%d %b %Y") %}
-    {%- else %}
-        {%- set date_string = "26 Jul 2024" %}
-    {%- endif %}
-{%- endif %}
-{%- if not tools is defined %}
-    {%- set tools = none %}
-{%- endif %}
-
-{#- This block extracts the system message, so we can slot it into the right place. #}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-
-{#- System message #}
-{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-{%- if tools is not none %}
-    {{- "Environment: ipython\\n" }}
-{%- endif %}
-{{- "Cutting Knowledge Date: December 2023\\n" }}
-{{- "Today Date: " + date_string + "\\n\\n" }}
-{%- if tools is not none and not tools_in_user_message %}
-    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\\n\\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\\n\\n" }}
-    {%- endfor %}
-{%- endif %}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-
-{#- Custom tools are passed in a user message with some extra guidance #}
-{%- if tools_in_user_message and not tools is none %}
-    {#- Extract the first user message so we can plug it in here #}
-    {%- if messages | length != 0 %}
-        {%- set first_user_message = messages[0]['content']|trim %}
-        {%- set messages = messages[1:] %}
-    {%- else %}
-        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
-{%- endif %}
-    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' -}}
-    {{- "Given the following functions, please respond with a JSON for a function call " }}
-    {{- "with its proper arguments that best answers the given prompt.\\n\\n" }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\\n\\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\\n\\n" }}
-    {%- endfor %}
-    {{- first_user_message + "<|eot_id|>"}}
-{%- endif %}
-
-{%- for message in messages %}
-    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
-        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
-    {%- elif 'tool_calls' in message %}
-        {%- if not message.tool_calls|length == 1 %}
-            {{- raise_exception("This model only supports single tool-calls at once!") }}
-        {%- endif %}
-        {%- set tool_call = message.tool_calls[0].function %}
-        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
-        {{- '{"name": "' + tool_call.name + '", ' }}
-        {{- '"parameters": ' }}
-        {{- tool_call.arguments | tojson }}
-        {{- "}" }}
-        {{- "<|eot_id|>" }}
-    {%- elif message.role == "tool" or message.role == "ipython" %}
-        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
-        {%- if message.content is mapping or message.content is iterable %}
-            {{- message.content | tojson }}
-        {%- else %}
-            {{- message.content }}
-        {%- endif %}
-        {{- "<|eot_id|>" }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""  # noqa: E501 - the template's own lines
 
 # The chat the GGUF reference logits are computed on.
 REFERENCE_CHAT = [
@@ -209,51 +93,18 @@ def cached_build(name: str, build: Callable[[Path], None], suffix: str = "") -> 
 
 
 def llama3_tokenizer_model_path() -> Path:
-    """Meta's Llama 3 BPE file inside the installed ``llama-models`` package.
-
-    Located with find_spec so that nothing of ``llama_models`` is imported.
-    """
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing from the installed llama-models package")
-    return path
+    """Meta's Llama 3 BPE file inside the installed ``llama-models`` package (skips
+    where it is not installed)."""
+    try:
+        return llama3.llama3_tokenizer_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 def build_llama3_tokenizer(out: Path) -> None:
     """Write a Llama 3.2 Instruct fast tokenizer to ``out`` from the tiktoken BPE file."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    backend = TikTokenConverter(
-        vocab_file=str(llama3_tokenizer_model_path()),
-        pattern=LLAMA3_PATTERN,
-        extra_special_tokens=LLAMA3_SPECIAL_TOKENS,
-    ).converted()
-    # Like Meta's tokenizer.json: plain encoding prepends <|begin_of_text|>. The chat
-    # template writes it itself, and apply_chat_template encodes without special tokens.
-    backend.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single="<|begin_of_text|> $A",
-                pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
-                special_tokens=[("<|begin_of_text|>", LLAMA3_BASE_VOCAB)],
-            ),
-        ]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",  # the Instruct models' end of turn
-        model_max_length=131072,
-        clean_up_tokenization_spaces=True,
-    )
-    tokenizer.chat_template = LLAMA32_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
+    llama3_tokenizer_model_path()  # skips without llama-models
+    llama3.build_llama3_tokenizer(out)
 
 
 def make_tiny_llama() -> Any:

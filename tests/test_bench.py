@@ -17,12 +17,14 @@ from harness.measure import (
     BenchError,
     Case,
     bench_sample,
+    case_args,
     compare,
     default_plan,
     run_case,
     vllm_plan,
 )
 from harness.tables import (
+    _find,
     add_ratios,
     describe_run,
     render_markdown,
@@ -68,7 +70,7 @@ def test_sample_is_the_documented_draw(splits):
 
 
 def test_plan_measures_references_before_the_cases_checked_against_them():
-    plan = default_plan(16)
+    plan = default_plan(16, nf4=True, window_model="gemma-3-270m")
     seen = set()
     for case in plan:
         if not case.is_reference and case.shots != 20:
@@ -86,6 +88,16 @@ def test_plan_measures_references_before_the_cases_checked_against_them():
             assert Case(method, shots, 16, prefix_cache=False) in seen
         else:
             assert Case(method, shots, 16, without=name) in seen
+    # NF4 beside bfloat16; the sliding-window model with and without prefix reuse, against
+    # its own reference, its model named last on the command line (after the run's)
+    assert Case("zero_shot_first_token", 0, 16, load_dtype="nf4") in seen
+    window = [c for c in plan if c.model_name == "gemma-3-270m"]
+    assert {(c.backend, c.prefix_cache) for c in window} == {
+        ("reference", False), ("engine", True), ("engine", False)
+    }
+    assert all(c.reference.model_name == "gemma-3-270m" for c in window)
+    assert case_args(window[1])[-2:] == ["--model", "gemma-3-270m"]
+    assert not any(c.model_name or c.load_dtype == "nf4" for c in default_plan(16))
 
 
 def test_compare_needs_the_same_label_or_the_same_text():
@@ -110,6 +122,8 @@ def rows_for_report():
             "backend": "reference" if reference else "engine",
             "without": None,
             "load_dtype": None,
+            "model_name": None,
+            "dtype": "float32",
             "speedups": ["tree_labels", "packed_weights"],
             **fields,
             "is_reference": reference,
@@ -163,7 +177,29 @@ def test_report_states_ratios_goals_and_agreement():
     text = render_markdown(rows, {"batch_size": 16})
     line = "| tree_labels | zero_shot_label_likelihood, 0 shots | 3.00 | 2.80 | 1.07x | **no** |"
     assert line in text
-    assert "| zero_shot_first_token | bfloat16 | 20.00 | 2.22x | **no** (97/100) |" in text
+    # the dtype table: the catalogue's dtype first, then each other one with its memory
+    base = "| zero_shot_first_token | float32 (the catalogue's) | 9.00 | 1.00x | 1,000 | yes"
+    assert base in text
+    assert "| zero_shot_first_token | bfloat16 | 20.00 | 2.22x | 1,000 | **no** (97/100) |" in text
+
+
+def test_report_puts_nf4_and_a_sliding_window_model_in_their_own_rows():
+    rows = rows_for_report()
+    nf4 = {**rows[-1], "load_dtype": "nf4", "tweets_per_s": 18.0, "peak_rss_mib": 700.0}
+    window = [
+        {**rows[0], "model_name": "gemma-3-270m", "tweets_per_s": 1.0},  # its reference
+        {**rows[3], "model_name": "gemma-3-270m", "tweets_per_s": 6.0, "max_abs_prob_diff": 2e-6},
+        {**rows[3], "model_name": "gemma-3-270m", "tweets_per_s": 4.0, "prefix_cache": False},
+    ]
+    rows = add_ratios([*rows, nf4, *window])
+    text = render_markdown(rows, {"batch_size": 16})
+    assert "| zero_shot_first_token | NF4 (bfloat16 compute) | 18.00 | 2.00x | 700 |" in text
+    section = text.split("### Prefix reuse under a sliding window", 1)[1].split("###")[0]
+    assert "| gemma-3-270m | zero_shot_first_token | 6.00 | 4.00 | 1.50x | yes (100/100)" in section
+    # the other model's rows stay out of the run's model's tables
+    assert _find(rows, "zero_shot_first_token", 0, 16)["tweets_per_s"] == 9.0
+    without = render_markdown(rows_for_report(), {"batch_size": 16})
+    assert "No sliding-window model in this run" in without
 
 
 def test_header_states_the_machine_speed_when_measured():

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import random
 import resource
 import statistics
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import pandas as pd
 from harness.served import reset_server_cache, served_backend
 
+from emoprompt.data.sampling import benchmark_sample
 from emoprompt.evaluation.predictions import score_columns
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
@@ -44,7 +44,7 @@ from emoprompt.inference.capabilities import SPEEDUPS
 from emoprompt.infra.files import write_json
 from emoprompt.labels import LABELS
 from emoprompt.prompting.parsing import parse_label
-from emoprompt.prompting.prompt_file import PromptFile, load_prompt_file
+from emoprompt.prompting.prompt_file import PromptFile, file_family, load_prompt_file
 from emoprompt.prompting.render import chat_messages
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ class Case:
     prefix_cache: bool = True
     backend: str = "engine"  # or "reference", or "vllm" (a vllm serve the runner started)
     without: str | None = None  # a speed-up the engine does without
-    load_dtype: str | None = None  # None: the catalogue entry's
+    load_dtype: str | None = None  # None: the catalogue entry's; "nf4": 4-bit NF4
+    model_name: str | None = None  # another catalogue entry than the run's model
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,7 +107,14 @@ class Case:
         """The case whose predictions this one must equal (the notebook's way is checked
         against the reference's zero-shot generation)."""
         method = "zero_shot_generate" if self.method == NOTEBOOK else self.method
-        return Case(method, self.shots, batch_size=1, prefix_cache=False, backend="reference")
+        return Case(
+            method,
+            self.shots,
+            batch_size=1,
+            prefix_cache=False,
+            backend="reference",
+            model_name=self.model_name,
+        )
 
     @property
     def expects_equal(self) -> bool:
@@ -124,6 +132,8 @@ class Case:
             key += f"-without-{self.without}"
         if self.load_dtype:
             key += f"-{self.load_dtype}"
+        if self.model_name:
+            key += f"-{self.model_name}"
         return key
 
     @classmethod
@@ -142,15 +152,19 @@ SERVES = {
 
 def bench_sample(test: pd.DataFrame, n: int = BENCH_TWEETS, seed: int = BENCH_SEED) -> pd.DataFrame:
     """``random.Random(seed).sample`` of ``n`` row positions of the test split, in that order."""
-    if not 0 < n <= len(test):
-        raise BenchError(f"cannot sample {n} tweets from a split of {len(test)}")
-    rows = random.Random(seed).sample(range(len(test)), n)
-    return test.iloc[rows].reset_index(drop=True)
+    try:
+        return benchmark_sample(test, n, seed)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
 
 
-def case_prompt(case: Case, prompt_dir: str | os.PathLike[str]) -> PromptFile:
-    """The prompt file the case uses, with its number of shots (zero-shot for the notebook)."""
+def case_prompt(
+    case: Case, prompt_dir: str | os.PathLike[str], prompt_format: str = "chat"
+) -> PromptFile:
+    """The prompt file the case uses, with its number of shots (zero-shot for the
+    notebook): the family's plain-text file for a base model (``prompt_format: text``)."""
     family = "zero_shot" if case.method == NOTEBOOK else STRATEGIES[case.method].family
+    family = file_family(family, prompt_format)
     prompt = load_prompt_file(Path(prompt_dir) / f"{family}.yaml", family)
     if case.shots:
         prompt = dataclasses.replace(prompt, settings={**prompt.settings, "shots": case.shots})
@@ -233,12 +247,13 @@ def measure(
     settings: Settings | None = None,
     warmup: int = WARMUP_TWEETS,
     repeats: int | None = None,
+    prompt_format: str = "chat",
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Run ``case`` over ``sample`` ``repeats`` times, timed, after an untimed warm-up on
     ``warmup`` tweets; return its row (the median pass; without the comparison fields)
     and its predictions. ``repeats`` defaults to :func:`default_repeats`."""
     settings = settings or Settings()
-    prompt = case_prompt(case, prompt_dir)
+    prompt = case_prompt(case, prompt_dir, prompt_format)
     if warmup:
         _run_once(case, model, tokenizer, prompt, train, sample.iloc[:warmup], settings)
     passes = []
@@ -362,13 +377,17 @@ def vllm_plan(batch_size: int = 16) -> list[Case]:
     return cases
 
 
-def default_plan(batch_size: int = 16, vllm: bool = False) -> list[Case]:
+def default_plan(
+    batch_size: int = 16, vllm: bool = False, nf4: bool = False, window_model: str | None = None
+) -> list[Case]:
     """Every measurement of ``make bench``, references first (later cases compare with them).
 
     The plain reference backend's run of each (method, shots) but the 20-shot one; the
     notebook's way; every fast path at ``batch_size``; each
     speed-up's strategy without it (:data:`SERVES`; for ``prefix_reuse`` also zero-shot);
-    the zero-shot methods in bfloat16; and with ``vllm``, :func:`vllm_plan`.
+    the zero-shot methods in bfloat16 (and with ``nf4``, in 4-bit NF4); with ``vllm``,
+    :func:`vllm_plan`; with ``window_model`` (a sliding-window model's catalogue entry),
+    :func:`window_plan`.
     """
     fast = [
         Case("zero_shot_first_token", 0),
@@ -390,11 +409,20 @@ def default_plan(batch_size: int = 16, vllm: bool = False) -> list[Case]:
         else:
             without.append(Case(method, shots, batch_size, without=name))
     dtypes = [
-        Case("zero_shot_first_token", 0, batch_size, load_dtype="bfloat16"),
-        Case("zero_shot_generate", 0, batch_size, load_dtype="bfloat16"),
+        Case(method, 0, batch_size, load_dtype=dtype)
+        for dtype in ("bfloat16", *(["nf4"] if nf4 else []))
+        for method in ("zero_shot_first_token", "zero_shot_generate")
     ]
     served = vllm_plan(batch_size) if vllm else []
-    return [*references, Case.notebook(), *fast, *without, *dtypes, *served]
+    window = window_plan(window_model, batch_size) if window_model else []
+    return [*references, Case.notebook(), *fast, *without, *dtypes, *served, *window]
+
+
+def window_plan(model: str, batch_size: int = 16) -> list[Case]:
+    """Prefix reuse under a sliding window (``model``, e.g. Gemma 3): zero-shot first
+    token against the reference, with and without the prefix cache."""
+    fast = Case("zero_shot_first_token", 0, batch_size, model_name=model)
+    return [fast.reference, fast, dataclasses.replace(fast, prefix_cache=False)]
 
 
 def write_predictions(path: str | os.PathLike[str], predictions: pd.DataFrame) -> None:
@@ -403,6 +431,14 @@ def write_predictions(path: str | os.PathLike[str], predictions: pd.DataFrame) -
 
 def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
     return pd.DataFrame(json.loads(Path(path).read_text()))
+
+
+#: What a case's ``load_dtype`` changes in the entry (else its ``dtype``): NF4 loads as
+#: the course notebook loads its model.
+LOADINGS: dict[str | None, dict[str, str]] = {
+    None: {},
+    "nf4": {"dtype": "bfloat16", "quantization": "nf4"},
+}
 
 
 def run_case(
@@ -428,7 +464,7 @@ def run_case(
 
     # The notebook's way runs as a plain script would: default allocator settings.
     count = configure_cpu(threads, os.cpu_count() or 1, keep_memory=case.method != NOTEBOOK)
-    entry = {**entry, **({"dtype": case.load_dtype} if case.load_dtype else {})}
+    entry = {**entry, **LOADINGS.get(case.load_dtype, {"dtype": case.load_dtype})}
     if case.backend == "vllm":
         model, tokenizer, dtype = served_backend(entry, model_dir, server, case.batch_size)
     else:
@@ -440,7 +476,9 @@ def run_case(
     log.info("%s: %d tweets, %d threads", case.key, len(sample), count)
     before = matmul_gflops()
     row, predictions = measure(
-        case, model, tokenizer, prompt_dir, train, sample, settings, repeats=repeats
+        *(case, model, tokenizer, prompt_dir, train, sample, settings),
+        repeats=repeats,
+        prompt_format=entry.get("prompt_format", "chat"),
     )
     row.update(
         matmul_gflops=[before, matmul_gflops()],
@@ -478,4 +516,6 @@ def case_args(case: Case) -> list[str]:
         args += ["--without", case.without]
     if case.load_dtype:
         args += ["--dtype", case.load_dtype]
+    if case.model_name:  # after the run's own arguments, which name its model
+        args += ["--model", case.model_name]
     return args

@@ -25,8 +25,9 @@ def _find(
     rows, method, shots=None, batch_size=None, prefix_cache=True, *, backend="engine", **fields
 ):
     """The first row of that method, shots, batch size and cache, on ``backend``, without
-    a speed-up turned off and in the catalogue's dtype unless ``fields`` say otherwise."""
-    fields = {"without": None, "load_dtype": None, **fields}
+    a speed-up turned off, in the catalogue's dtype and of the run's model unless
+    ``fields`` say otherwise."""
+    fields = {"without": None, "load_dtype": None, "model_name": None, **fields}
     for r in rows:
         if (
             r["method"] == method
@@ -147,6 +148,7 @@ def render_markdown(rows: list[dict[str, Any]], info: Mapping[str, Any]) -> str:
             "### Goals\n\n" + "\n".join(goals),
             "### What each speed-up buys\n\n" + "\n".join(speedup_table(rows, batch)),
             "### dtype\n\n" + "\n".join(dtype_table(rows, batch)),
+            "### Prefix reuse under a sliding window\n\n" + "\n".join(window_table(rows)),
             "### vLLM\n\n" + "\n".join(vllm_table(rows)),
             "### Cost against the number of shots (first token, batch "
             f"{batch})\n\n" + "\n".join(scaling),
@@ -164,6 +166,8 @@ def _name(r: Mapping[str, Any]) -> str:
         name += f", without {r['without']}"
     if r.get("load_dtype"):
         name += f", {r['load_dtype']}"
+    if r.get("model_name"):
+        name += f", {r['model_name']}"
     return name
 
 
@@ -210,19 +214,61 @@ def speedup_table(rows: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
 
 
 def dtype_table(rows: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
+    """Per method measured in other weights: the catalogue's dtype, then each other one
+    (4-bit NF4 with bfloat16 compute included), with speed, peak memory and agreement."""
     lines = [
-        "| method | dtype | tweets/s | vs the catalogue's dtype | same predictions as the "
-        "float32 reference |",
-        "|---|---|---:|---:|---|",
+        "| method | weights | tweets/s | vs the catalogue's dtype | peak RSS (MiB) | "
+        "same predictions as the float32 reference |",
+        "|---|---|---:|---:|---:|---|",
     ]
+    shown = set()
     for r in rows:
-        if not r.get("load_dtype") or r.get("backend") != "engine":
+        if not r.get("load_dtype") or r.get("backend") != "engine" or r.get("model_name"):
             continue
         base = _find(rows, r["method"], r["shots"], batch)
+        if base and r["method"] not in shown:
+            shown.add(r["method"])
+            lines.append(
+                f"| {r['method']} | {base.get('dtype')} (the catalogue's) | "
+                f"{base['tweets_per_s']:.2f} | 1.00x | {base['peak_rss_mib']:,.0f} | "
+                f"{_agreement(base)} |"
+            )
         ratio = f"{r['tweets_per_s'] / base['tweets_per_s']:.2f}x" if base else ""
+        weights = WEIGHTS.get(r["load_dtype"], r["load_dtype"])
         lines.append(
-            f"| {r['method']} | {r['load_dtype']} | {r['tweets_per_s']:.2f} | {ratio} | "
-            f"{_agreement(r)} |"
+            f"| {r['method']} | {weights} | {r['tweets_per_s']:.2f} | {ratio} | "
+            f"{r['peak_rss_mib']:,.0f} | {_agreement(r)} |"
+        )
+    return lines
+
+
+#: How the dtype table names a case's weights.
+WEIGHTS = {"nf4": "NF4 (bfloat16 compute)"}
+
+
+def window_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A sliding-window model's zero-shot first token with and without prefix reuse (the
+    rows that fit its window reuse the prefix), each against its reference backend."""
+    found = [
+        (r, _find(rows, r["method"], r["shots"], r["batch_size"], False, model_name=name))
+        for r in rows
+        if (name := r.get("model_name")) and r.get("backend") == "engine" and r["prefix_cache"]
+    ]
+    if not found:
+        return ["No sliding-window model in this run (`make gemma-setup` installs Gemma 3)."]
+    lines = [
+        "| model | method | tweets/s, prefix reuse | tweets/s, whole prompts | speed-up | "
+        "same predictions as the reference (reuse / whole) | largest probability difference |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    for r, whole in found:
+        gain = f"{r['tweets_per_s'] / whole['tweets_per_s']:.2f}x" if whole else ""
+        diff = r.get("max_abs_prob_diff")
+        lines.append(
+            f"| {r['model_name']} | {r['method']} | {r['tweets_per_s']:.2f} | "
+            f"{_cell(whole and whole['tweets_per_s'], '{:.2f}')} | {gain} | "
+            f"{_agreement(r)} / {_agreement(whole) if whole else ''} | "
+            f"{_cell(diff, '{:.1e}')} |"
         )
     return lines
 

@@ -109,3 +109,12 @@ def write_sample(
     with atomic_open(distribution_out) as handle:
         table.to_csv(handle, sep="\t", index=False, lineterminator="\n")
     return table
+
+
+def benchmark_sample(test: pd.DataFrame, n: int = 100, seed: int = 0) -> pd.DataFrame:
+    """The benchmarks' tweets: ``random.Random(seed).sample`` of ``n`` row positions of
+    the test split, in that order (``make bench`` and the GPU check draw the same)."""
+    if not 0 < n <= len(test):
+        raise ValueError(f"cannot sample {n} tweets from a split of {len(test)}")
+    rows = random.Random(seed).sample(range(len(test)), n)
+    return test.iloc[rows].reset_index(drop=True)

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from emoprompt.evaluation.baseline import predict_proba_frame, train_tfidf_baseline
 from emoprompt.evaluation.predictions import (
     Result,
     predictions_frame,
@@ -190,6 +189,9 @@ def run_llm_strategy(
 
 def run_baseline(train: pd.DataFrame, sample: pd.DataFrame, seed: int = 0) -> Result:
     """The TF-IDF + logistic regression anchor, with the same output files as the LLMs."""
+    # scikit-learn only here: the prompting strategies run without it (a GPU machine)
+    from emoprompt.evaluation.baseline import predict_proba_frame, train_tfidf_baseline
+
     start = time.perf_counter()
     pipeline = train_tfidf_baseline(train, seed=seed)
     scores = predict_proba_frame(pipeline, sample)

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from emoprompt.labels import LABELS
 from emoprompt.prompting.prompt_file import PromptError
@@ -249,6 +248,9 @@ def _select_manual(
 def _select_similar(
     pool: pd.DataFrame, test: pd.DataFrame, n: int, seed: int
 ) -> dict[str, list[str]]:
+    # scikit-learn only here: the other selections run without it (a GPU machine)
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     # Character n-grams within word boundaries cope with hashtags, elongations and typos.
     vectorizer = TfidfVectorizer(
         analyzer="char_wb", ngram_range=(2, 5), lowercase=True, sublinear_tf=True
