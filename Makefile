@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: setup gemma-setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune conformance clean
+.PHONY: gpu-check-bundle setup gemma-setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune conformance clean
 
 setup: $(STAMP)
 
@@ -120,6 +120,16 @@ bench-finetune: setup
 conformance: setup
 	$(BIN)/snakemake data/models/$(BENCH_MODEL) --cores $(CORES) --rerun-triggers mtime
 	$(BIN)/python -m emoprompt.bench.conformance --tokenizer data/models/$(BENCH_MODEL)
+
+# What the GPU check (scripts/gpu_check.py) carries to a GPU machine without internet:
+# the Llama 3 tokenizer, 100 test tweets, 200 train tweets for the shots, bitsandbytes'
+# wheel (about 45 MB in all). On that machine, from the checkout:
+#   pip install --no-deps gpu-check-bundle/wheels/*.whl   # where bitsandbytes is missing
+#   python scripts/gpu_check.py run --bundle gpu-check-bundle --out results/gpu_check
+gpu-check-bundle: setup
+	$(BIN)/snakemake data/processed/train.tsv data/processed/test.tsv \
+	  --cores $(CORES) $(if $(DATA),--config data_source=$(DATA)) --rerun-triggers mtime
+	$(BIN)/python scripts/gpu_check.py bundle --out gpu-check-bundle --splits data/processed
 
 clean:
 	rm -rf .snakemake data results logs

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="auto", help='torch threads ("auto": every core)')
     parser.add_argument("--config", default=str(ROOT / "config.yaml"))
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalogue entry")
+    parser.add_argument(
+        "--model-name", help="a case of another catalogue entry than the run's (--model)"
+    )
     parser.add_argument("--model-dir", help="its converted folder (default data/models/<model>)")
     parser.add_argument("--data-dir", default=str(ROOT / "data" / "processed"))
     parser.add_argument("--prompts", default=str(ROOT / "prompts"))
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     config = yaml.safe_load(Path(args.config).read_text())
-    entry = {**config["model_catalogue"][args.model], "name": args.model}
+    model = args.model_name or args.model
+    entry = {**config["model_catalogue"][model], "name": model}
     case = Case(
         args.method,
         args.shots,
@@ -57,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         without=args.without,
         load_dtype=args.dtype,
+        model_name=args.model_name,
     )
     row = run_case(
         case,
         entry=entry,
-        model_dir=args.model_dir or ROOT / "data" / "models" / args.model,
+        model_dir=args.model_dir or ROOT / "data" / "models" / model,
         data_dir=args.data_dir,
         prompt_dir=args.prompts,
         out_dir=args.out,

@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     for number, case in enumerate(plan, 1):
         print(f"[{number}/{len(plan)}] {case.key}", flush=True)
         start = time.perf_counter()
-        # the case's own arguments last: they name its model where it is another one
         command = [sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--out",
                    str(cases_dir), *args.rest, *case_args(case)]  # fmt: skip
         if case.backend == "vllm":

@@ -89,14 +89,14 @@ def test_plan_measures_references_before_the_cases_checked_against_them():
         else:
             assert Case(method, shots, 16, without=name) in seen
     # NF4 beside bfloat16; the sliding-window model with and without prefix reuse, against
-    # its own reference, its model named last on the command line (after the run's)
+    # its own reference, its model named on the command line
     assert Case("zero_shot_first_token", 0, 16, load_dtype="nf4") in seen
     window = [c for c in plan if c.model_name == "gemma-3-270m"]
     assert {(c.backend, c.prefix_cache) for c in window} == {
         ("reference", False), ("engine", True), ("engine", False)
     }
     assert all(c.reference.model_name == "gemma-3-270m" for c in window)
-    assert case_args(window[1])[-2:] == ["--model", "gemma-3-270m"]
+    assert case_args(window[1])[-2:] == ["--model-name", "gemma-3-270m"]
     assert not any(c.model_name or c.load_dtype == "nf4" for c in default_plan(16))
 
 

@@ -88,6 +88,10 @@ def test_the_tiny_check_runs_on_a_cpu_and_writes_its_table(bundle, tmp_path):
     granted = [r for r in report["conformance"] if r["added"] is None]
     assert {r["method"] for r in granted} == {"first_token", "likelihood", "greedy",
             "likelihood_normalized", "likelihood_calibrated"}  # fmt: skip
+    # the timed runs use what part 1 proved (on a CPU: the table's speed-ups)
+    fast = [r for r in report["timing"] if r["case"] == "few_shot_first_token"]
+    assert fast and all("prefix_reuse" in r["speedups"] for r in fast)
+    assert any(r["case"] == "few_shot_first_token, no prefix reuse" for r in report["timing"])
     cases = {(r["weights"], r["case"]) for r in report["timing"]}
     for kind in weights:
         assert (kind, "notebook's way (zero-shot generation)") in cases
@@ -97,3 +101,12 @@ def test_the_tiny_check_runs_on_a_cpu_and_writes_its_table(bundle, tmp_path):
     table = (out / "gpu_check.md").read_text()
     assert "## Conformance" in table and "| bfloat16 | zero_shot_first_token | 16 |" in table
     assert "notebook's way" in table and not report["notes"]
+
+
+def test_a_machine_without_what_the_check_imports_is_told_before_anything_loads(
+    bundle, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(gpu_check, "NEEDS", ("pandas", "no_such_module_here"))
+    with pytest.raises(SystemExit, match="needs no_such_module_here"):
+        gpu_check.run(bundle, tmp_path / "out", device="cpu", shape="tiny")
+    assert not (tmp_path / "out").exists()

@@ -516,6 +516,6 @@ def case_args(case: Case) -> list[str]:
         args += ["--without", case.without]
     if case.load_dtype:
         args += ["--dtype", case.load_dtype]
-    if case.model_name:  # after the run's own arguments, which name its model
-        args += ["--model", case.model_name]
+    if case.model_name:
+        args += ["--model-name", case.model_name]
     return args

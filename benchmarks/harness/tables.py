@@ -222,9 +222,13 @@ def dtype_table(rows: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
         "|---|---|---:|---:|---:|---|",
     ]
     shown = set()
-    for r in rows:
-        if not r.get("load_dtype") or r.get("backend") != "engine" or r.get("model_name"):
-            continue
+    others = [
+        r
+        for r in rows
+        if r.get("load_dtype") and r.get("backend") == "engine" and not r.get("model_name")
+    ]
+    methods = list(dict.fromkeys(r["method"] for r in others))
+    for r in sorted(others, key=lambda r: methods.index(r["method"])):
         base = _find(rows, r["method"], r["shots"], batch)
         if base and r["method"] not in shown:
             shown.add(r["method"])

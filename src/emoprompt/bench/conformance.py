@@ -433,7 +433,9 @@ def render_markdown(proven: list[dict[str, Any]], forced: list[dict[str, Any]]) 
         "do not edit by hand.",
         "",
         "Each row runs the project's zero-shot and few-shot prompts (16 prompts, two shared "
-        f"prefixes, mixed lengths, all longer than the models' {WINDOW}-token windows) "
+        f"prefixes, mixed lengths; all longer than the {WINDOW}-token windows, and on either "
+        f"side of the {MIXED_WINDOW}-token one: under a sliding window, *prefix reuse* "
+        "applies to the rows that fit the window, and the others are fed whole) "
         "through a tiny seeded random model, with the engine and with the plain reference "
         "backend (one unpadded forward pass per prompt and label, transformers' `generate`). "
         "Methods: first token, label likelihood (plain, length-normalised, calibrated) and "

@@ -223,13 +223,15 @@ def conformance_part(model: Any, twin: Any, tokenizer: Any, prompts: Path, weigh
 
 
 def passed_speedups(rows: Sequence[dict[str, Any]], weights: str) -> list[str]:
-    """The forced speed-ups whose every row passed (for ``weights``)."""
-    return [
-        name
-        for name in FORCED
-        if (mine := [r for r in rows if r["weights"] == weights and r["added"] == name])
-        and all(r["passed"] for r in mine)
-    ]
+    """The speed-ups part 1 proved for ``weights``: those granted here, where all their
+    rows passed, and each forced one whose rows all passed."""
+    mine = [r for r in rows if r["weights"] == weights]
+    passed: set[str] = set()
+    for added in (None, *FORCED):
+        group = [r for r in mine if r["added"] == added]
+        if group and all(r["passed"] for r in group):
+            passed |= set(group[0]["speedups"])
+    return sorted(passed)
 
 
 # --------------------------------------------------------------------------- part 2
@@ -349,6 +351,17 @@ def versions(device: str) -> dict[str, Any]:
     return info
 
 
+#: What the check imports beyond torch and transformers (bitsandbytes: for NF4 only).
+NEEDS = ("numpy", "pandas", "pydantic", "yaml", "tqdm")
+
+
+def missing_modules(names: Sequence[str] | None = None) -> list[str]:
+    """The modules among ``names`` (default :data:`NEEDS`) this Python cannot import."""
+    import importlib.util
+
+    return [name for name in names or NEEDS if importlib.util.find_spec(name) is None]
+
+
 def run(
     bundle_dir: Path,
     out: Path,
@@ -363,6 +376,12 @@ def run(
     weights: Sequence[str] = WEIGHTS,
 ) -> dict[str, Any]:
     """Run both parts in every weights and write ``gpu_check.json`` and ``.md``."""
+    missing = missing_modules()
+    if missing:  # before anything loads: say what the machine lacks
+        raise SystemExit(
+            f"the GPU check needs {', '.join(missing)} (pip install {' '.join(missing)}, "
+            "or wheels for this Python carried in the bundle)"
+        )
     from emoprompt.infra.files import atomic_open, write_json
 
     limits = {**PART_SECONDS, **(part_seconds or {})}

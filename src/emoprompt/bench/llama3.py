@@ -171,7 +171,6 @@ LLAMA_TINY: dict[str, Any] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
-    "max_position_embeddings": 2048,
 }
 
 
