@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from emoprompt.bench.gpu_check import main  # noqa: E402 - after the path is set
+from emoprompt.bench.gpu_check import main  # after the path is set
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from emoprompt.bench import gpu_check
+from emoprompt.bench import gpu_bundle, gpu_check
 from emoprompt.bench.conformance import nf4_available
 from emoprompt.bench.llama3 import LLAMA_3_2_1B
 from emoprompt.data.prepare import Prepared, prepare
@@ -26,12 +26,12 @@ def bundle(data_dir, llama3_tokenizer_dir, tmp_path_factory) -> Path:
     splits = tmp_path_factory.mktemp("gpu-data")
     prepare(data_dir / "emoeval_data.zip", Prepared.in_folder(splits))
     out = tmp_path_factory.mktemp("gpu-bundle") / "bundle"
-    gpu_check.bundle(out, splits, tweets=12, shots=40, wheels=False)
+    gpu_bundle.bundle(out, splits, tweets=12, shots=40, wheels=False)
     return out
 
 
 def test_the_bundle_holds_the_tokenizer_and_the_benchmark_tweets(bundle, data_dir, tmp_path):
-    tokenizer, tweets, train = gpu_check.open_bundle(bundle)
+    tokenizer, tweets, train = gpu_bundle.open_bundle(bundle)
     assert len(tokenizer) == LLAMA_3_2_1B["vocab_size"] and tokenizer.chat_template
     assert (bundle / "tokenizer" / "tokenizer.json.gz").stat().st_size < 6 * 2**20  # travels
     splits = tmp_path / "splits"

