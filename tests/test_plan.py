@@ -320,6 +320,21 @@ def test_without_fewshot_seeds_a_grid_uses_the_prompt_files_seed(config):
     assert not Grid(Study(config, REPO)).enabled()
 
 
+def test_a_base_model_in_a_grid_takes_the_seed_of_its_own_few_shot_file(tmp_path, config):
+    (tmp_path / "prompts").mkdir()
+    for name in ("few_shot", "few_shot_text"):
+        text = (REPO / PROMPT_FILES[name]).read_text()
+        if name == "few_shot_text":
+            text = text.replace("seed: 0", "seed: 7")
+        (tmp_path / PROMPT_FILES[name]).write_text(text)
+    merged = copy.deepcopy(config)
+    merged.update(models=[SMOL, GEMMA], sample_seeds=[1])
+    grid = Grid(Study(merged, tmp_path))
+    assert grid.fewshot_seeds(SMOL) == [0] and grid.fewshot_seeds(GEMMA) == [7]
+    seeds = {(m, f) for m, s, _, f in grid.runs() if STRATEGIES[s].family == "few_shot"}
+    assert seeds == {(SMOL, 0), (GEMMA, 7)}
+
+
 def test_the_workflow_files_stay_glue():
     rules = REPO / "workflow" / "rules"
     glue = sum(len(p.read_text().splitlines()) for p in rules.glob("*common.smk"))

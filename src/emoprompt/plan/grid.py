@@ -34,11 +34,15 @@ class Grid:
     def sample_seeds(self) -> list[int]:
         return [int(seed) for seed in self.config["sample_seeds"] or [self.config["sample_seed"]]]
 
-    def fewshot_seeds(self) -> list[int]:
-        """The few-shot seeds of the grid (default: the seed of the few-shot prompt file)."""
+    def fewshot_seeds(self, model: str | None = None) -> list[int]:
+        """The few-shot seeds of the grid (default: the seed of the few-shot prompt file
+        ``model`` reads: the plain-text one for a base model)."""
         if self.config["fewshot_seeds"] is not None:
             return [int(seed) for seed in self.config["fewshot_seeds"]]
-        prompt = load_prompt_file(self.study.root / PROMPT_FILES["few_shot"], "few_shot")
+        family = (
+            "few_shot" if model is None else self.study.prompt_family(model, "few_shot_generate")
+        )
+        prompt = load_prompt_file(self.study.root / PROMPT_FILES[family], family)
         return [prompt.settings.get("seed", 0)]
 
     def runs(self) -> list[tuple[str, str, int, Any]]:
@@ -48,7 +52,7 @@ class Grid:
         for model, strategy in self.study.prediction_pairs():
             shots = STRATEGIES[strategy].family == "few_shot"
             for sample_seed in self.sample_seeds():
-                for fewshot_seed in self.fewshot_seeds() if shots else [NO_SHOTS]:
+                for fewshot_seed in self.fewshot_seeds(model) if shots else [NO_SHOTS]:
                     runs.append((model, strategy, sample_seed, fewshot_seed))
         return runs
 
