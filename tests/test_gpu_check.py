@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,18 +57,26 @@ def test_the_full_shape_is_llama_3_2_1b():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_a_part_past_its_limit_is_stopped_and_said():
-    report = {"notes": [], "conformance": []}
+def test_a_part_past_its_limit_is_stopped_said_and_keeps_what_it_measured():
+    report = {"notes": [], "conformance": [], "timing": []}
 
-    def slow():
-        import time
-
+    def slow(rows):
+        rows.append("first row")
         time.sleep(5)
-        return [1]
+        rows.append("never")
 
-    gpu_check._part(report, "conformance", 0.3, slow)
-    assert report["conformance"] == []
-    assert report["notes"] == ["conformance: stopped after its limit of 0 s"]
+    gpu_check._part(report, "conformance", "nf4", 0.3, lambda: slow(report["conformance"]))
+    assert report["conformance"] == ["first row"]
+    assert report["notes"] == ["nf4 conformance: stopped after its limit of 0 s"]
+
+    def recorded():  # a handler that records errors (as the matrix's methods do)
+        try:
+            time.sleep(5)
+        except Exception as exc:  # what the limit must get through
+            report["timing"].append(repr(exc))
+
+    gpu_check._part(report, "timing", "nf4", 0.3, recorded)
+    assert report["timing"] == [] and report["notes"][-1].startswith("nf4 timing: stopped")
 
 
 @pytest.mark.slow

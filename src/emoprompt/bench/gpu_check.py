@@ -70,8 +70,9 @@ STRATEGY_NAMES = (
 )
 
 
-class PartTimeout(Exception):
-    """A part ran past its time limit."""
+class PartTimeout(BaseException):
+    """A part ran past its time limit. A BaseException, as KeyboardInterrupt is: the
+    handlers that record a method's error (``Exception``) must not swallow it."""
 
 
 @contextlib.contextmanager
@@ -91,14 +92,17 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- models
-def save_model(shape: str, tokenizer: Any, folder: Path) -> None:
-    """The seeded random model of ``shape`` with the tokenizer, saved (float32)."""
+def save_model(shape: str, tokenizer: Any, folder: Path) -> int:
+    """The seeded random model of ``shape`` with the tokenizer, saved (float32); its
+    number of parameters."""
     from emoprompt.bench.llama3 import LLAMA_3_2_1B, LLAMA_TINY, random_llama
 
     config = {**(LLAMA_3_2_1B if shape == "llama-3.2-1b" else LLAMA_TINY)}
     config["vocab_size"] = len(tokenizer)
-    random_llama(config).save_pretrained(folder)
+    model = random_llama(config)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
 
 
 def load(folder: Path, weights: str, device: str):
@@ -127,16 +131,18 @@ def reset_peak(device: str) -> None:
 
 
 # --------------------------------------------------------------------------- part 1
-def conformance_part(model: Any, twin: Any, tokenizer: Any, prompts: Path, weights: str):
+def conformance_part(
+    rows: list, model: Any, twin: Any, tokenizer: Any, prompts: Path, weights: str
+) -> None:
     """The matrix's methods through the engine (batch 16: the speed-ups granted here,
-    then each of :data:`FORCED` on top) against the reference on ``twin``; rows."""
+    then each of :data:`FORCED` on top) against the reference on ``twin``, a row each
+    appended to ``rows`` as it is measured (a part stopped by its limit keeps them)."""
     from emoprompt.bench.conformance import compare, outputs, passes
     from emoprompt.inference.engine import Engine
     from emoprompt.inference.reference import ReferenceBackend
 
     reference = outputs(ReferenceBackend(twin, tokenizer, progress=False), tokenizer, prompts)
     granted = Engine(model, tokenizer, batch_size=BATCH, progress=False).capabilities.speedups
-    rows = []
     for added in (None, *FORCED):
         if added in granted:
             continue
@@ -150,7 +156,6 @@ def conformance_part(model: Any, twin: Any, tokenizer: Any, prompts: Path, weigh
                    "model_key": str(engine.capabilities.key), **result}  # fmt: skip
             row["passed"] = passes(row)
             rows.append(row)
-    return rows
 
 
 def passed_speedups(rows: Sequence[dict[str, Any]], weights: str) -> list[str]:
@@ -199,11 +204,11 @@ def notebook_way(model, tokenizer, prompt, tweets) -> list[str]:
 
 
 def timing_part(
-    model, tokenizer, sample, train, prompts: Path, weights: str, device: str, speedups: list[str],
-    notebook_tweets: int, batches: Sequence[int],
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Rows: the notebook's way, each strategy, few-shot first token without prefix
-    reuse, and the batch sizes tried."""
+    rows, model, tokenizer, sample, train, prompts: Path, weights: str, device: str,
+    speedups: list[str], notebook_tweets: int, batches: Sequence[int],
+) -> None:  # fmt: skip
+    """A row each, appended to ``rows`` as it is measured: the notebook's way, each
+    strategy, few-shot first token without prefix reuse, and the batch sizes tried."""
     from emoprompt.evaluation.runner import run_llm_strategy
     from emoprompt.evaluation.strategies import STRATEGIES, Settings
     from emoprompt.inference.engine import Engine
@@ -212,7 +217,6 @@ def timing_part(
     zero = load_prompt_file(prompts / "zero_shot.yaml", "zero_shot")
     few = load_prompt_file(prompts / "few_shot.yaml", "few_shot")
     settings = Settings()
-    rows: list[dict[str, Any]] = []
     head = sample["tweet"].tolist()[:notebook_tweets]
     _, seconds, peak = timed(device, lambda: notebook_way(model, tokenizer, zero, head))
     notebook = len(head) / seconds
@@ -246,7 +250,6 @@ def timing_part(
             rows.append({"weights": weights, "case": f"batch {batch}", "error": repr(exc)[:200]})
             _free(device)
             break
-    return rows
 
 
 def _free(device: str) -> None:
@@ -323,7 +326,7 @@ def run(
                               "tweets": len(sample), "limits_s": limits, "conformance": [],
                               "timing": [], "notes": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
-        save_model(shape, tokenizer, Path(folder))
+        report["parameters"] = save_model(shape, tokenizer, Path(folder))
         for kind in weights:
             _check_weights(
                 report, Path(folder), kind, device, tokenizer, (sample, train), prompts, limits,
@@ -347,25 +350,27 @@ def _check_weights(
     except Exception as exc:  # bitsandbytes missing, no CUDA...: said, not hidden
         report["notes"].append(f"{kind}: could not load ({exc!r})"[:300])
         return
-    report["parameters"] = sum(p.numel() for p in twin.parameters())
-    _part(report, "conformance", limits["conformance"],
-          functools.partial(conformance_part, model, twin, tokenizer, prompts, kind))  # fmt: skip
+    _part(report, "conformance", kind, limits["conformance"],
+          functools.partial(conformance_part, report["conformance"], model, twin, tokenizer,
+                            prompts, kind))  # fmt: skip
     del twin
     _free(device)
     used = passed_speedups(report["conformance"], kind)
-    _part(report, "timing", limits["timing"], functools.partial(
-        timing_part, model, tokenizer, *tweets, prompts, kind, device, used, notebook_tweets,
-        batches))  # fmt: skip
+    _part(report, "timing", kind, limits["timing"], functools.partial(
+        timing_part, report["timing"], model, tokenizer, *tweets, prompts, kind, device, used,
+        notebook_tweets, batches))  # fmt: skip
 
 
-def _part(report: dict, name: str, seconds: float, work: Callable[[], list]) -> None:
+def _part(report: dict, name: str, kind: str, seconds: float, work: Callable[[], None]) -> None:
+    """``work()`` (which appends its rows to ``report[name]``) under its time limit; a
+    stop is noted, the rows measured until then stay."""
     start = time.perf_counter()
     try:
         with time_limit(seconds):
-            report[name].extend(work())
+            work()
     except PartTimeout as exc:
-        report["notes"].append(f"{name}: {exc}")
-    log.info("%s done in %.0f s", name, time.perf_counter() - start)
+        report["notes"].append(f"{kind} {name}: {exc}")
+    log.info("%s %s done in %.0f s", kind, name, time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- report
