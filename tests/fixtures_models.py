@@ -109,26 +109,21 @@ def build_llama3_tokenizer(out: Path) -> None:
 
 def make_tiny_llama() -> Any:
     """A seeded random tiny Llama (hidden 32, 2 layers) with the full Llama 3 vocabulary."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=LLAMA3_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=LLAMA3_BASE_VOCAB,
-        eos_token_id=LLAMA3_STOP_IDS,
-        tie_word_embeddings=True,  # as Llama 3.2 1B; halves the file
+    return llama3.random_llama(
+        {
+            "vocab_size": LLAMA3_VOCAB_SIZE,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "bos_token_id": LLAMA3_BASE_VOCAB,
+            "eos_token_id": LLAMA3_STOP_IDS,
+            "tie_word_embeddings": True,  # as Llama 3.2 1B; halves the file
+        },
+        SEED,
     )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=LLAMA3_BASE_VOCAB, eos_token_id=LLAMA3_STOP_IDS
-    )
-    return model
 
 
 def build_tiny_llama(tokenizer_dir: Path, out: Path) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from harness.served import reset_server_cache, served_backend
 
+from emoprompt.bench.gpu_check import notebook_way
 from emoprompt.data.sampling import benchmark_sample
 from emoprompt.evaluation.predictions import score_columns
 from emoprompt.evaluation.runner import run_llm_strategy
@@ -45,7 +46,6 @@ from emoprompt.infra.files import write_json
 from emoprompt.labels import LABELS
 from emoprompt.prompting.parsing import parse_label
 from emoprompt.prompting.prompt_file import PromptFile, file_family, load_prompt_file
-from emoprompt.prompting.render import chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -177,19 +177,11 @@ def peak_rss_mib() -> float:
 
 
 def _notebook_way(model, tokenizer, prompt: PromptFile, sample: pd.DataFrame, settings: Settings):
-    """The course notebook's loop: one pipeline call per tweet, greedy, chat messages in."""
-    from tqdm.auto import tqdm
-    from transformers import pipeline
-
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    texts = []
-    for tweet in tqdm(sample["tweet"], desc="notebook's way", unit="tweet"):
-        out = pipe(
-            chat_messages(prompt, tweet, ()),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=False,
-        )
-        texts.append(out[0]["generated_text"][-1]["content"])
+    """The course notebook's loop (:func:`emoprompt.bench.gpu_check.notebook_way`), its
+    answers parsed as the notebook parses them."""
+    texts = notebook_way(
+        model, tokenizer, prompt, sample["tweet"], settings.max_new_tokens, progress=True
+    )
     labels, label_map = prompt.labels, prompt.label_map
     answers = [parse_label(text, labels, fallback=None) for text in texts]
     return pd.DataFrame(

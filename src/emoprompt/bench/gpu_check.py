@@ -188,19 +188,22 @@ def timed(device: str, run: Callable[[], Any]) -> tuple[Any, float, float]:
     return out, time.perf_counter() - start, peak_memory_mib(device)
 
 
-def notebook_way(model, tokenizer, prompt, tweets) -> list[str]:
-    """The course notebook's loop: one text-generation pipeline call per tweet, greedy."""
+def notebook_way(
+    model, tokenizer, prompt, tweets, max_new_tokens: int = 20, progress: bool = False
+) -> list[str]:
+    """The course notebook's loop: one text-generation pipeline call per tweet, greedy,
+    chat messages in; the answers' texts (``make bench`` measures the same loop)."""
+    from tqdm.auto import tqdm
     from transformers import pipeline
 
     from emoprompt.prompting.render import chat_messages
 
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    return [
-        pipe(chat_messages(prompt, tweet, ()), max_new_tokens=20, do_sample=False)[0][
-            "generated_text"
-        ][-1]["content"]
-        for tweet in tweets
-    ]
+    texts = []
+    for tweet in tqdm(tweets, desc="notebook's way", unit="tweet", disable=not progress):
+        out = pipe(chat_messages(prompt, tweet, ()), max_new_tokens=max_new_tokens, do_sample=False)
+        texts.append(out[0]["generated_text"][-1]["content"])
+    return texts
 
 
 def timing_part(
