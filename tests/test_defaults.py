@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from emoprompt.evaluation.family import FamilySettings
 from emoprompt.evaluation.job import settings_from_config
 from emoprompt.evaluation.probe import ProbeSettings
 from emoprompt.evaluation.strategies import STRATEGIES, Settings
@@ -61,7 +62,11 @@ def test_config_yaml_sets_every_key_to_its_schema_default():
 
 @pytest.mark.parametrize(
     ("section", "settings"),
-    [("finetune", FinetuneSettings()), ("probe", ProbeSettings())],
+    [
+        ("finetune", FinetuneSettings()),
+        ("probe", ProbeSettings()),
+        ("prompt_variants", FamilySettings()),
+    ],
 )
 def test_the_settings_types_default_to_the_schema(section, settings):
     defaults = {

@@ -27,6 +27,7 @@ from emoprompt.plan import (
     merged_config,
 )
 from emoprompt.prompting.prompt_file import PromptError
+from emoprompt.plan.study import SAMPLE, TRAIN
 from emoprompt.tracking.records import run_key
 
 SMOL = "smollm2-135m-instruct"
@@ -90,17 +91,24 @@ def test_every_job_and_path_is_as_recorded_before_the_plan_moved_into_python(
     workflow_dir, data_dir, snapshot, grid
 ):
     """tests/data/dry_run_*.json: the jobs of a dry run of the default study and of a 2 x 2
-    grid as the workflow listed them before its decisions moved into emoprompt.plan."""
+    grid as the workflow listed them before its decisions moved into emoprompt.plan (the
+    default study without its prompt families, which came later)."""
     source = str(data_dir / "emoeval_data.zip")
-    log = run_snakemake(workflow_dir, "-n", "--config", f"data_source={source}", *grid).stdout
+    no_family = "prompt_variants={'strategies': []}"
+    log = run_snakemake(
+        workflow_dir, "-n", "--config", f"data_source={source}", no_family, *grid
+    ).stdout
     recorded = json.loads((REPO / "tests" / "data" / f"dry_run_{snapshot}.json").read_text())
     # Changed since, on purpose: the raw data is no longer an output of download (Snakemake
-    # would delete it before a re-run that may fail offline); prepare waits for its record.
+    # would delete it before a re-run that may fail offline); prepare waits for its record;
+    # the runs log the evaluation sample and the train split as their MLflow inputs.
     for job in recorded:
         if job["rule"] == "download":
             job["output"].remove("data/raw/emoeval_data.zip")
         if job["rule"] == "prepare":
             job["input"] = ["data/raw/provenance.json"]
+        if job["rule"] == "track":
+            job["input"] = sorted({*job["input"], TRAIN, SAMPLE})
     assert _jobs(log, source) == recorded
 
 
@@ -110,7 +118,8 @@ def test_mlflow_run_keys_and_outputs_of_the_default_study(config):
     assert keys[0] == f"{SMOL}/zero_shot_generate/sample=100,random,seed=0"
     assert keys[-1] == "baseline/baseline_tfidf/sample=100,random,seed=0"
     outputs = all_outputs(study)
-    assert len(outputs) == len(set(outputs)) == 6 + 18 + 2 + 25
+    # data, predictions, inspection, aggregates (with the prompt sensitivity report)
+    assert len(outputs) == len(set(outputs)) == 6 + 18 + 2 + 25 + 3
     assert f"results/inspect/{SMOL}-ft.md" in outputs
 
 

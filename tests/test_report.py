@@ -25,6 +25,7 @@ TEST_CONFIG = """\
 data_source: src_data
 models: [tiny]
 strategies: [zero_shot_first_token, zero_shot_generate, baseline_tfidf]
+prompt_variants: {strategies: []}
 sample_size: 30
 model_catalogue:
   tiny: {source: local, path: models/tiny, prompt_format: chat}

@@ -24,7 +24,10 @@ SMALL = """\
 validation_size: 70
 finetune: {train_size: 48, max_steps: 3, batch_size: 8, max_length: 64}
 probe: {train_size: 70, C: [0.1, 1.0], layers: [10, 20]}
+prompt_variants: {validation_size: 6}
 """
+# The default prompt families: 4 instructions x 2 verbalizers x 3 calibrations.
+FAMILIES = {"zero_shot_first_token": 24, "few_shot_first_token": 24}
 DEFAULT_ROWS = [
     ("smollm2-135m-instruct", "zero_shot_generate"),
     ("smollm2-135m-instruct", "zero_shot_first_token"),
@@ -134,8 +137,46 @@ def test_one_mlflow_run_per_model_and_strategy(finished_run: Path):
             "SELECT t.value FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
             "WHERE t.key = 'emoprompt.key' AND r.lifecycle_stage = 'active'"
         ).fetchall()
-    runs = len(DEFAULT_ROWS) + 1  # and the adapter's training run
+        children = db.execute(
+            "SELECT t.value, COUNT(*) FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+            "WHERE t.key = 'emoprompt.strategy' AND r.lifecycle_stage = 'active' AND "
+            "r.run_uuid IN (SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId') "
+            "GROUP BY t.value"
+        ).fetchall()
+        # one registered version per distinct prompt text, each linked to its runs
+        versions = db.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT value) FROM model_version_tags "
+            "WHERE key = 'emoprompt.prompt_sha256'"
+        ).fetchone()
+        linked = db.execute(
+            "SELECT COUNT(*) FROM tags WHERE key = 'mlflow.linkedPrompts'"
+        ).fetchone()[0]
+        inputs = dict(
+            db.execute(
+                "SELECT it.value, COUNT(*) FROM inputs i JOIN input_tags it ON "
+                "it.input_uuid = i.input_uuid WHERE it.name = 'mlflow.data.context' "
+                "GROUP BY it.value"
+            ).fetchall()
+        )
+    runs = len(DEFAULT_ROWS) + 1 + sum(FAMILIES.values())  # the training run, the variants
     assert len(keys) == runs and len(set(keys)) == runs
+    assert dict(children) == FAMILIES
+    digests = {
+        variant["run"]["prompt_sha256"]
+        for strategy in FAMILIES
+        for variant in json.loads(
+            (finished_run / VARIANTS / strategy / "variants.json").read_text()
+        )["variants"]
+    }
+    prompted = [s for m, s in DEFAULT_ROWS if s not in ("linear_probe", "baseline_tfidf")]
+    # the families' prompts (8 texts each) and the single prompts of the other strategies
+    assert versions[0] == versions[1] >= len(digests) == 16
+    assert linked == len(prompted) + sum(FAMILIES.values())
+    # every run logs its evaluation sample; shots, training, the probe and the baseline
+    # the train split; the families (parents and children) their validation sample
+    assert inputs["evaluation"] == len(DEFAULT_ROWS) + sum(FAMILIES.values())
+    assert inputs["validation"] == len(FAMILIES) + sum(FAMILIES.values())
+    assert inputs["training"] == 6
     # how each model run computed: its backend, model key and speed-ups are parameters
     with sqlite3.connect(finished_run / "results" / "mlflow.db") as db:
         params = dict(
@@ -149,6 +190,30 @@ def test_one_mlflow_run_per_model_and_strategy(finished_run: Path):
     assert params["backend"] == "engine"
     assert params["model_key"] == "llama/sdpa/cpu/float32"
     assert "prefix_reuse" in params["speedups"].split(",")
+
+
+VARIANTS = "results/variants/smollm2-135m-instruct"
+
+
+def test_the_families_rows_are_their_variants_chosen_on_validation(finished_run: Path):
+    results = finished_run / "results"
+    table = pd.read_csv(results / "results_table.csv").fillna("")
+    sensitivity = pd.read_csv(results / "prompt_sensitivity.csv")
+    assert sorted(sensitivity["strategy"]) == sorted(FAMILIES)
+    assert (results / "figures" / "prompt_sensitivity.png").stat().st_size > 10_000
+    for strategy, size in FAMILIES.items():
+        choice = json.loads((finished_run / VARIANTS / strategy / "choice.json").read_text())
+        row = table[table["experiment"] == strategy]
+        assert row["prompt"].iloc[0].startswith(f"chosen on validation: {choice['chosen']} of {size}")
+        test = read_predictions(finished_run / VARIANTS / strategy / "test.tsv")
+        chosen = test[test["variant"] == choice["chosen"]].drop(columns="variant")
+        written = read_predictions(results / "predictions/smollm2-135m-instruct" / f"{strategy}.tsv")
+        pd.testing.assert_frame_equal(chosen.reset_index(drop=True), written)
+        spread = sensitivity[sensitivity["strategy"] == strategy].iloc[0]
+        assert spread["variants"] == size and spread["chosen"] == choice["chosen"]
+        assert spread["chosen F1 macro"] == pytest.approx(row["F1 macro"].iloc[0], abs=1e-4)
+    others = table[~table["experiment"].isin(list(FAMILIES))]
+    assert (others["prompt"] == "").all()
 
 
 def _intervals(workflow: Path) -> dict[str, dict]:

@@ -48,7 +48,10 @@ def test_editing_the_few_shot_prompt_reruns_only_few_shot_jobs(workflow_dir: Pat
     jobs = planned_jobs(workflow_dir, config)
     model = "model=smollm2-135m-instruct"
     few_shot = {"few_shot_generate", "few_shot_first_token", "few_shot_label_likelihood"}
-    expected = {f"predict {model}, strategy={s}" for s in few_shot}
+    family = "few_shot_first_token"  # a prompt family: all its variants run again
+    expected = {f"predict {model}, strategy={s}" for s in few_shot - {family}}
+    expected |= {f"{rule} {model}, strategy={family}"
+                 for rule in ("predict_family", "choose_variant", "chosen_variant")}
     expected |= {f"metrics {model}, strategy={s}" for s in few_shot}
-    expected |= {"results_table", "compare", "track", "all"}
+    expected |= {"results_table", "compare", "track", "all", "prompt_sensitivity"}
     assert jobs == expected

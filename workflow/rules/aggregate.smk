@@ -105,6 +105,7 @@ rule track:
         "../envs/report.yaml"
     params:
         pairs=STUDY.tracked_pairs(),
+        families=STUDY.family_pairs(),
         trained=list(STUDY.trained_adapters()),
         sample=STUDY.sample_settings(),
         experiment=config["mlflow_experiment"],

@@ -18,6 +18,8 @@ from emoprompt.plan import (  # noqa: E402
     GRID_SAMPLE,
     NO_SHOTS,
     PROMPT_FILES,
+    SENSITIVITY_OUTPUTS,
+    VARIANT_FILES,
     ConfigError,
     Grid,
     Study,

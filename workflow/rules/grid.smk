@@ -125,3 +125,4 @@ use rule track as track_grid with:
     params:
         pairs=GRID.tracked_pairs(),
         samples=GRID.tracked_samples(),
+        families=[],  # a grid runs each strategy's own prompt

@@ -11,6 +11,7 @@ import pandas as pd
 
 from emoprompt.data.leaks import Rows, refuse_leaks
 from emoprompt.data.splits import read_split, write_split
+from emoprompt.infra.errors import UserError
 from emoprompt.infra.files import atomic_open
 from emoprompt.labels import LABELS
 
@@ -109,6 +110,26 @@ def write_sample(
     with atomic_open(distribution_out) as handle:
         table.to_csv(handle, sep="\t", index=False, lineterminator="\n")
     return table
+
+
+def write_validation_sample(
+    validation_path: str, sample_path: str, out: str, *, size: int | str, seed: int
+) -> pd.DataFrame:
+    """The validation tweets a prompt family's variants are chosen on: a seeded sample
+    of the validation split, none of them in the evaluation sample (which is drawn from
+    the validation split too with ``evaluation_split: validation``)."""
+    validation, sample = read_split(validation_path), read_split(sample_path)
+    pool = validation[~validation["id"].isin(set(sample["id"]))].reset_index(drop=True)
+    try:
+        rows = sample_indices(pool["label"].tolist(), size, "random", seed)
+    except ValueError:
+        raise UserError(
+            f"prompt_variants.validation_size is {size!r}, but {validation_path} less the "
+            f"evaluation sample has {len(pool)} tweets"
+        ) from None
+    chosen = pool.iloc[rows].reset_index(drop=True)
+    write_split(chosen, out)
+    return chosen
 
 
 def benchmark_sample(test: pd.DataFrame, n: int = 100, seed: int = 0) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from emoprompt.models.spec import ModelSpec
 from emoprompt.prompting.fewshot import check_calibration
 from emoprompt.prompting.fewshot import check_settings as check_few_shot
 from emoprompt.prompting.prompt_file import file_family, load_prompt_file
+from emoprompt.prompting.variants import load_family
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +62,19 @@ def run_prediction(
     """Everything a `predict` job does, so the workflow script only unpacks Snakemake.
 
     ``workflow_dir`` (a folder of the checkout) names the git commit in the record."""
-    from emoprompt.models.loading import context_length, load_model, load_tokenizer
-
     strategy = STRATEGIES[strategy_name]
     engine_settings = settings.get("engine") or {}
     threads = configure_cpu(engine_settings.get("threads", "auto"), job_threads)
     spec = ModelSpec.of(entry)
-    location = spec.location
-    prompt = _job_prompt(strategy, prompt_path, settings, spec)
+    prompt = job_prompt(strategy, prompt_path, settings, spec)
     train, sample = read_split(train_path), read_split(sample_path)
-    run_settings = settings_from_config(settings)
-    run_settings.chat_template_kwargs = dict(spec.chat_template_kwargs)
+    run_settings = job_settings(settings, spec)
     # Before the model loads: shots it cannot have, prompts longer than its context.
-    if strategy.family == "few_shot":
-        check_few_shot(prompt, train, sample)
-        check_calibration(prompt, strategy.method == "label_likelihood" and run_settings.calibrate)
-    # A chat API without a local tokenizer (a hosted model) has no location.
-    tokenizer = load_tokenizer(spec, location) if location else None
-    check_chat_template(model_name, spec, tokenizer, prompt)
-    if spec.served is not None:  # a server: checked before any prompt is built
-        engine, info, context = _remote(spec, location, tokenizer, settings)
-        batch_size = engine.client.max_concurrency
-    else:
-        context = context_length(spec, location, tokenizer)
-    if tokenizer is None:  # the server's template and tokenizer: it measures the prompts
-        log.info("%s: prompts not measured here; the server refuses any too long", model_name)
-        fitted = unmeasured(sample)
-    else:
-        fitted = fit_to_context(strategy, prompt, tokenizer, train, sample, run_settings, context)
-    if spec.served is None:
-        loaded = load_model(spec, location)
-        engine, batch_size = _engine(loaded, engine_settings)
-        tokenizer, info = loaded.tokenizer, loaded.info
+    check_prompt(strategy, prompt, train, sample, run_settings)
+    model = JobModel.open(model_name, spec, settings, prompt)
+    fitted = model.fit(strategy, prompt, train, sample, run_settings)
+    engine, tokenizer, info, batch_size = model.load(engine_settings)
+    context = model.context
     log.info(
         "%s / %s: %d tweets on %s, batch %d, %d threads",
         *(model_name, strategy_name, len(sample), engine.device, batch_size, threads),
@@ -110,7 +92,7 @@ def run_prediction(
         **truncation_record(fitted, context),
         **result.metadata,
         **_adapter_validation(spec, strategy_name),
-        **_provenance(sample_path, settings, workflow_dir),
+        **provenance_record(sample_path, settings, workflow_dir),
     }
     write_result(result, tsv_out, json_out)
     log.info(
@@ -121,6 +103,68 @@ def run_prediction(
         result.metadata["unparsed"],
     )
     return result
+
+
+def job_settings(settings: Mapping[str, Any], spec: ModelSpec) -> Settings:
+    """The strategy's settings from the job's configuration, with the model's chat
+    template arguments."""
+    run_settings = settings_from_config(settings)
+    run_settings.chat_template_kwargs = dict(spec.chat_template_kwargs)
+    return run_settings
+
+
+def check_prompt(strategy, prompt, train, sample, run_settings: Settings) -> None:
+    """A few-shot prompt's shots (and calibration) checked before the model loads."""
+    if strategy.family == "few_shot":
+        check_few_shot(prompt, train, sample)
+        check_calibration(prompt, strategy.method == "label_likelihood" and run_settings.calibrate)
+
+
+@dataclasses.dataclass
+class JobModel:
+    """A job's model: its tokenizer and context first (prompts are measured before any
+    weights load), then the engine over it (or a server's backend)."""
+
+    name: str
+    spec: ModelSpec
+    tokenizer: Any
+    context: int | None
+    settings: Mapping[str, Any]
+    remote: tuple[Any, dict[str, Any]] | None = None
+
+    @classmethod
+    def open(cls, name: str, spec: ModelSpec, settings: Mapping[str, Any], prompt) -> JobModel:
+        """The tokenizer (none for a chat API without one) and the context; a server is
+        checked here, before any prompt is built."""
+        from emoprompt.models.loading import context_length, load_tokenizer
+
+        location = spec.location
+        tokenizer = load_tokenizer(spec, location) if location else None
+        check_chat_template(name, spec, tokenizer, prompt)
+        if spec.served is not None:
+            engine, info, context = _remote(spec, location, tokenizer, settings)
+            return cls(name, spec, tokenizer, context, settings, (engine, info))
+        return cls(name, spec, tokenizer, context_length(spec, location, tokenizer), settings)
+
+    def fit(self, strategy, prompt, train, sample, run_settings: Settings):
+        """Every tweet's prompt measured against the context, cut where it does not fit."""
+        if self.tokenizer is None:  # the server's template and tokenizer measure them
+            log.info("%s: prompts not measured here; the server refuses any too long", self.name)
+            return unmeasured(sample)
+        return fit_to_context(
+            strategy, prompt, self.tokenizer, train, sample, run_settings, self.context
+        )
+
+    def load(self, engine_settings: Mapping[str, Any]):
+        """(engine, tokenizer, info, batch size): the model loaded once, or the server's."""
+        if self.remote is not None:
+            engine, info = self.remote
+            return engine, self.tokenizer, info, engine.client.max_concurrency
+        from emoprompt.models.loading import load_model
+
+        loaded = load_model(self.spec, self.spec.location)
+        engine, batch_size = _engine(loaded, engine_settings)
+        return engine, loaded.tokenizer, loaded.info, batch_size
 
 
 def check_chat_template(model_name: str, spec: ModelSpec, tokenizer, prompt) -> None:
@@ -136,7 +180,7 @@ def check_chat_template(model_name: str, spec: ModelSpec, tokenizer, prompt) -> 
     )
 
 
-def _provenance(sample_path: str, settings: Mapping[str, Any], workflow_dir: str | None):
+def provenance_record(sample_path: str, settings: Mapping[str, Any], workflow_dir: str | None):
     """The evaluation sample (file, digest, seed) and the workflow's git commit."""
     return {
         "sample": {
@@ -158,10 +202,13 @@ def _adapter_validation(spec: ModelSpec, strategy_name: str) -> dict[str, Any]:
     return {"validation": validation} if validation.get("strategy") == strategy_name else {}
 
 
-def _job_prompt(strategy, prompt_path: str, settings: Mapping[str, Any], spec: ModelSpec):
+def job_prompt(
+    strategy, prompt_path: str, settings: Mapping[str, Any], spec: ModelSpec, family=False
+):
     """The strategy's prompt file, with a grid's few-shot seed and a fine-tuned model's
-    own label set (and template) applied."""
-    prompt = load_prompt_file(prompt_path, file_family(strategy.family, spec.prompt_format))
+    own label set (and template) applied; with ``family``, its variants checked."""
+    load = load_family if family else load_prompt_file
+    prompt = load(prompt_path, file_family(strategy.family, spec.prompt_format))
     if settings.get("fewshot_seed") is not None and strategy.family == "few_shot":
         # A study grid's few-shot seed replaces the prompt file's.
         seed = int(settings["fewshot_seed"])
@@ -263,7 +310,7 @@ def run_probe_job(
         **{k: v for k, v in loaded.info.items() if k != "name"},
         "threads": threads,
         **result.metadata,
-        **_provenance(sample_path, settings, workflow_dir),
+        **provenance_record(sample_path, settings, workflow_dir),
     }
     write_result(result, tsv_out, json_out)
     log.info(

@@ -127,8 +127,10 @@ def compute_metrics(
         "confusion": matrix.tolist(),
         "seconds": metadata.get("seconds"),
         "tweets_per_s": float(speed) if speed is not None else None,
-        # a tuned run's score on the validation split (the probe's, the adapter's)
+        # a tuned run's score on the validation split (the probe's, the adapter's, a
+        # prompt family's chosen variant's)
         "validation": metadata.get("validation"),
+        "prompt_choice": metadata.get("prompt_choice"),
         **(_intervals(gold, predicted, labels, statistics) if statistics else {}),
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,13 +40,15 @@ def build_prompts(
             manual_ids=settings.get("manual_ids", ()),
         )
         by_id = train.set_index("id")
+        order = settings.get("shot_order")  # a family's variant: the shots shuffled
         for test_id in sample["id"]:
-            ids = plan.ids_for(test_id)
+            ids = shuffled(plan.ids_for(test_id), order)
             shots_of[test_id] = [(by_id.at[i, "tweet"], by_id.at[i, "label"]) for i in ids]
         record["few_shot"] = {
             "method": settings["selection"],
             "n": settings["shots"],
             "seed": settings.get("seed", 0),
+            **({"shot_order": order} if order is not None else {}),
             "ids": plan.shared,
             "per_tweet_ids": plan.per_tweet,
         }
@@ -63,6 +66,15 @@ def build_prompts(
     asked = prompt_record(prompt, shots_of.get(first_id, ()))  # the messages, or the text
     record.update(asked, prompt_sha256=prompt_sha256(next(iter(asked.values()))))
     return parts, record
+
+
+def shuffled(ids: list[str], seed: int | None) -> list[str]:
+    """``ids`` in the order a seeded shuffle gives (as they are for ``None``)."""
+    if seed is None:
+        return ids
+    ids = list(ids)
+    random.Random(seed).shuffle(ids)
+    return ids
 
 
 def content_free_prompt(strategy, prompt, tokenizer, train, sample, text, settings):

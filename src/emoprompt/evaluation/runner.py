@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from emoprompt.evaluation.calibration import CONTENT_FREE, divide_by_prior
 from emoprompt.evaluation.predictions import (
     Result,
     predictions_frame,
@@ -28,9 +29,6 @@ from emoprompt.labels import LABELS
 from emoprompt.prompting.parsing import parse_label
 from emoprompt.prompting.prompt_file import PromptFile
 from emoprompt.prompting.render import PromptParts
-
-# Content-free inputs for contextual calibration (Zhao et al., 2021).
-CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 def calibrated(
@@ -47,8 +45,7 @@ def calibrated(
         list(content_free), labels, normalize=normalize, end_token=end_token
     )
     prior = softmax(logprobs).mean(axis=0)
-    out = probs / prior
-    return out / out.sum(axis=1, keepdims=True), prior
+    return divide_by_prior(probs, prior), prior
 
 
 def softmax(values: np.ndarray) -> np.ndarray:

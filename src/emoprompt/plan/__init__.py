@@ -7,12 +7,20 @@ import it without a Snakemake process.
 from emoprompt.plan.checks import check_prompt_files
 from emoprompt.plan.config import ConfigError, check_config, merged_config
 from emoprompt.plan.grid import GRID_SAMPLE, NO_SHOTS, Grid, all_outputs, grid_path
-from emoprompt.plan.study import PROMPT_FILES, Study, StudyError
+from emoprompt.plan.study import (
+    PROMPT_FILES,
+    SENSITIVITY_OUTPUTS,
+    VARIANT_FILES,
+    Study,
+    StudyError,
+)
 
 __all__ = [
     "GRID_SAMPLE",
     "NO_SHOTS",
     "PROMPT_FILES",
+    "SENSITIVITY_OUTPUTS",
+    "VARIANT_FILES",
     "ConfigError",
     "Grid",
     "Study",

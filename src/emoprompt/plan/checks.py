@@ -10,7 +10,7 @@ from emoprompt.evaluation.strategies import STRATEGIES
 from emoprompt.plan.study import PROMPT_FILES, Study
 from emoprompt.prompting.fewshot import check_calibration
 from emoprompt.prompting.fewshot import check_settings as check_few_shot
-from emoprompt.prompting.prompt_file import load_prompt_file
+from emoprompt.prompting.variants import load_family
 
 
 def check_prompt_files(study: Study, train: Any = None, test: Any = None) -> list[str]:
@@ -20,7 +20,7 @@ def check_prompt_files(study: Study, train: Any = None, test: Any = None) -> lis
     warnings = []
     config = study.config
     for family in study.families():
-        prompt = load_prompt_file(study.root / PROMPT_FILES[family], family)
+        prompt = load_family(study.root / PROMPT_FILES[family], family)
         if "system" in prompt.settings and not prompt.settings["system"].strip():
             warnings.append(
                 f"{prompt.path}: 'system' is empty: the model is not told the task or the labels"
@@ -32,4 +32,9 @@ def check_prompt_files(study: Study, train: Any = None, test: Any = None) -> lis
                 for s in config["strategies"]
             )
             check_calibration(prompt, calibrated and config["scoring"].get("calibrate"))
+            contextual = "contextual" in config["prompt_variants"]["calibration"] and any(
+                STRATEGIES[s].family == "few_shot" and STRATEGIES[s].method != "generate"
+                for s in study.family_strategies()
+            )
+            check_calibration(prompt, contextual, "prompt_variants.calibration")
     return warnings

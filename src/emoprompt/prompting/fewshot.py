@@ -319,7 +319,7 @@ def _check_count(pool: pd.DataFrame, train: pd.DataFrame, n: int) -> None:
         )
 
 
-def check_calibration(prompt: Any, calibrate: bool) -> None:
+def check_calibration(prompt: Any, calibrate: bool, setting: str = "scoring.calibrate") -> None:
     """Refuse contextual calibration with shots chosen per tweet: the content-free prompts
     would carry one tweet's shots, and their prior would be applied to prompts with
     other shots."""
@@ -327,7 +327,7 @@ def check_calibration(prompt: Any, calibrate: bool) -> None:
     if calibrate and method in SELECTORS and SELECTORS[method].shared is None:
         raise PromptError(
             f"{prompt.path}: 'selection' {method!r} chooses the shots per tweet, so "
-            "contextual calibration (config scoring.calibrate) would apply one content-free "
-            "prior to prompts with other shots; turn calibrate off, or choose shots shared "
+            f"contextual calibration (config {setting}) would apply one content-free "
+            "prior to prompts with other shots; leave it out, or choose shots shared "
             "by every tweet (random, balanced, manual)"
         )

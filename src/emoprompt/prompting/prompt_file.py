@@ -25,7 +25,7 @@ from emoprompt.infra.errors import UserError
 from emoprompt.labels import LABELS
 
 FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "zero_shot": {"system": str, "user": str, "variables": dict},
+    "zero_shot": {"system": str, "user": str, "variables": dict, "variants": dict},
     "few_shot": {
         "system": str,
         "user": str,
@@ -35,10 +35,17 @@ FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "seed": int,
         "manual_ids": list,
         "variables": dict,
+        "variants": dict,
     },
     "finetuned": {"template": str, "labels": list, "label_map": dict, "variables": dict},
     # The zero- and few-shot families as plain text, for base models (prompt_format: text).
-    "zero_shot_text": {"instruction": str, "template": str, "answer": str, "variables": dict},
+    "zero_shot_text": {
+        "instruction": str,
+        "template": str,
+        "answer": str,
+        "variables": dict,
+        "variants": dict,
+    },
     "few_shot_text": {
         "instruction": str,
         "template": str,
@@ -48,22 +55,23 @@ FAMILY_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "seed": int,
         "manual_ids": list,
         "variables": dict,
+        "variants": dict,
     },
 }
 OPTIONAL_KEYS = {
-    "zero_shot": {"variables"},
-    "few_shot": {"manual_ids", "seed", "variables"},
+    "zero_shot": {"variables", "variants"},
+    "few_shot": {"manual_ids", "seed", "variables", "variants"},
     "finetuned": {"label_map", "variables"},
-    "zero_shot_text": {"variables"},
-    "few_shot_text": {"manual_ids", "seed", "variables"},
+    "zero_shot_text": {"variables", "variants"},
+    "few_shot_text": {"manual_ids", "seed", "variables", "variants"},
 }
 #: The placeholders each text key fills (besides the file's own ``variables``).
 PLACEHOLDERS = {
-    "system": (),
+    "system": ("labels",),
     "user": ("tweet",),
     "assistant": ("label",),
     "template": ("tweet",),
-    "instruction": (),
+    "instruction": ("labels",),
     "answer": ("label",),
 }
 #: The families a base model (prompt_format: text) reads from plain-text files.
@@ -111,8 +119,7 @@ class PromptFile:
         labels = self.labels if labels is None else labels
         if not self.text:
             return labels
-        variables = self.settings.get("variables") or {}
-        return tuple(fill(self.settings["answer"], {**variables, "label": lab}) for lab in labels)
+        return tuple(fill(self.settings["answer"], self.values(label=lab)) for lab in labels)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -126,19 +133,34 @@ class PromptFile:
         mapping.update(self.settings.get("label_map", {}))
         return mapping
 
+    def word(self, label: str) -> str:
+        """The prompt's word for ``label`` (one of the seven classes): a verbalizer's
+        word, the class itself where the prompt has no words of its own."""
+        return next((w for w, c in self.label_map.items() if c == label), label)
 
-def _check_placeholders(data: Mapping[str, Any], path: Any) -> None:
-    """Every ``{name}`` of a text key is one it fills or one the file declares."""
+    def values(self, **values: str) -> dict[str, str]:
+        """What a text key's placeholders are filled with: the file's ``variables``,
+        ``{labels}`` (the prompt's words, comma-separated), then ``values``."""
+        listed = {"labels": ", ".join(self.labels)}
+        return {**listed, **(self.settings.get("variables") or {}), **values}
+
+
+def check_text_placeholders(
+    data: Mapping[str, Any], path: Any, keys: tuple[str, ...] = tuple(PLACEHOLDERS)
+) -> None:
+    """Every ``{name}`` of a text key (of ``keys``) is one it fills or one the file
+    declares under ``variables``."""
     declared = data.get("variables") or {}
     for name, value in declared.items():
-        if not re.fullmatch(r"[A-Za-z_]\w*", str(name)) or name in ("tweet", "label"):
+        if not re.fullmatch(r"[A-Za-z_]\w*", str(name)) or name in ("tweet", "label", "labels"):
             raise PromptError(
                 f"{path}: 'variables': {name!r} must be a name (letters, digits, _) other "
-                "than tweet and label"
+                "than tweet, label and labels"
             )
         if not isinstance(value, str):
             raise PromptError(f"{path}: 'variables': {name!r} must be a text")
-    for key, own in PLACEHOLDERS.items():
+    for key in keys:
+        own = PLACEHOLDERS[key]
         for match in PLACEHOLDER.finditer(str(data.get(key, ""))):
             name = match.group(2)
             if name is not None and name not in own and name not in declared:
@@ -187,7 +209,7 @@ def load_prompt_file(path: str | os.PathLike[str], family: str) -> PromptFile:
             raise PromptError(f"{path}: missing key {key!r}")
         if not isinstance(data[key], kind) or isinstance(data[key], bool):
             raise PromptError(f"{path}: {key!r} must be a {getattr(kind, '__name__', kind)}")
-    _check_placeholders(data, path)
+    check_text_placeholders(data, path)
     for key in ("user", "template"):
         if key in data and "{tweet}" not in data[key]:
             raise PromptError(f"{path}: {key!r} must contain the placeholder {{tweet}}")

@@ -40,7 +40,7 @@ def _fill(prompt: PromptFile, key: str, **values: str) -> str:
     """A text key of the prompt file with its placeholders filled: ``values`` and the
     file's own ``variables`` (not str.format: tweets and prompts may hold braces)."""
     template = prompt.settings.get(key, "{label}" if key == "assistant" else "")
-    return fill(template, {**(prompt.settings.get("variables") or {}), **values})
+    return fill(template, prompt.values(**values))
 
 
 def chat_messages(
@@ -50,7 +50,7 @@ def chat_messages(
     messages = [{"role": "system", "content": _fill(prompt, "system")}]
     for shot_tweet, shot_label in shots:
         messages.append({"role": "user", "content": _fill(prompt, "user", tweet=shot_tweet)})
-        answer = _fill(prompt, "assistant", label=shot_label)
+        answer = _fill(prompt, "assistant", label=prompt.word(shot_label))
         messages.append({"role": "assistant", "content": answer})
     messages.append({"role": "user", "content": _fill(prompt, "user", tweet=tweet)})
     return messages
@@ -107,7 +107,7 @@ def render_text(
 
 
 def _answer(prompt: PromptFile, label: str) -> str:
-    return prompt.answers((label,))[0]
+    return prompt.answers((prompt.word(label),))[0]
 
 
 def render_plain(prompt: PromptFile, tweet: str) -> PromptParts:

@@ -34,6 +34,7 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "unparsed %",
     "tweets/s",
     "validation F1 macro",
+    "prompt",
 )
 # Each run's bootstrap interval, where its metrics have one: extra CSV columns, and in
 # Markdown beside the score as "0.253 [0.180, 0.330]".
@@ -88,12 +89,21 @@ def results_table(
                 "unparsed %": 100.0 * m["unparsed_rate"],
                 "tweets/s": float(speed) if speed is not None else math.nan,
                 **_validation_cells(m.get("validation")),
+                "prompt": prompt_cell(m.get("prompt_choice")),
                 **_interval_cells(m),
             }
         )
     rows.sort(key=lambda r: (_rank(r["experiment"], EXPERIMENT_ORDER), _rank(r["model"], models)))
     extra = [c for c in _interval_names() if any(c in r for r in rows)]
     return pd.DataFrame(rows, columns=[*TABLE_COLUMNS, *extra])
+
+
+def prompt_cell(choice: Mapping[str, Any] | None) -> str:
+    """Which prompt a row used: a family's variant chosen on validation (blank: the
+    prompt file's own prompt, or no prompt)."""
+    if not choice:
+        return ""
+    return f"chosen on validation: {choice['variant']} of {choice['of']} ({choice['label']})"
 
 
 def _interval_names() -> list[str]:

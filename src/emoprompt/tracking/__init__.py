@@ -28,12 +28,14 @@ from emoprompt.tracking.client import (
     upsert_run,
 )
 from emoprompt.tracking.records import (
+    INPUT_CONTEXTS,
     KEY_TAG,
     RUN_LIST_COLUMNS,
     SUPERSEDED_TAG,
     TRACKING_URI_ENV,
     TRAINING_RUN_TAG,
     TRAINING_STRATEGY,
+    FamilyFiles,
     RunFiles,
     TrackedRun,
     default_artifact_location,
@@ -50,12 +52,14 @@ from emoprompt.tracking.records import (
 )
 
 __all__ = [
+    "INPUT_CONTEXTS",
     "KEY_TAG",
     "RUN_LIST_COLUMNS",
     "SUPERSEDED_TAG",
     "TRACKING_URI_ENV",
     "TRAINING_RUN_TAG",
     "TRAINING_STRATEGY",
+    "FamilyFiles",
     "RunFiles",
     "TrackedRun",
     "TrackingUnavailable",

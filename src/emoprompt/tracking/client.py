@@ -15,11 +15,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag, ViewType
+import mlflow
+import mlflow.data
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from emoprompt.data.splits import read_split
 from emoprompt.evaluation.metrics import flat_metrics, read_metadata
+from emoprompt.evaluation.predictions import read_predictions
+from emoprompt.evaluation.selection import variant_scores
 from emoprompt.infra.environment import temporary_environ
 from emoprompt.infra.files import sha256_file
 from emoprompt.infra.provenance import git_commit
@@ -38,10 +43,13 @@ from emoprompt.tracking.records import (
     TrackedRun,
     prompt_artifact,
     redact_uri,
+    registry_prompt,
+    run_inputs,
     run_key,
     run_params,
     run_tags,
     training_params,
+    variant_params,
 )
 from emoprompt.tracking.store import follow_moved_folder
 
@@ -133,8 +141,11 @@ def track_run(
     sample: Mapping[str, Any],
     commit: str,
     extra_tags: Mapping[str, str] | None = None,
-) -> TrackedRun:
-    """Create or update the run of one (model, strategy); see the module's docstring."""
+    datasets: Datasets | None = None,
+) -> list[TrackedRun]:
+    """Create or update the run of one (model, strategy), and a prompt family's child
+    runs, one per variant; see the module's docstring."""
+    datasets = datasets or Datasets()
     sample = {**sample, **(files.sample or {})}
     metadata = read_metadata(files.metadata)
     metrics = flat_metrics(read_metadata(files.metrics))
@@ -162,12 +173,132 @@ def track_run(
         prompt = prompt_artifact(metadata)
         if prompt is not None:
             client.log_text(run_id, prompt[1], f"prompt/{prompt[0]}")
+        link_prompt(client, run_id, metadata)
+        contexts = run_inputs(
+            metadata.get("prompt_family"), metadata.get("method"), bool(files.family)
+        )
+        datasets.log(client, run_id, contexts)
     except Exception:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
     log.info("%s: %s run %s (%d new metric values)", key, action, run_id, len(new_metrics))
-    return TrackedRun(key, files.model, files.strategy, run_id, experiment_id, action)
+    parent = TrackedRun(key, files.model, files.strategy, run_id, experiment_id, action)
+    if files.family is None:
+        return [parent]
+    return [parent, *track_variants(client, parent, params, files, datasets)]
+
+
+def track_variants(
+    client: MlflowClient,
+    parent: TrackedRun,
+    parent_params: Mapping[str, str],
+    files: RunFiles,
+    datasets: Datasets,
+) -> list[TrackedRun]:
+    """One child run per variant of a prompt family (its axis values as parameters, its
+    validation and test scores as metrics, its prompt linked from the registry)."""
+    family = files.family
+    record, choice = read_metadata(family.record), read_metadata(family.choice)
+    scores = {
+        split: variant_scores(read_predictions(str(path))).set_index("variant")
+        for split, path in (("validation", family.validation), ("test", family.test))
+    }
+    tracked = []
+    for variant in record["variants"]:
+        key = f"{parent.key}/{variant['id']}"
+        run = variant["run"]
+        params = variant_params(parent_params, variant, run)
+        tags = {
+            KEY_TAG: key,
+            "mlflow.parentRunId": parent.run_id,
+            "emoprompt.model": parent.model,
+            "emoprompt.strategy": parent.strategy,
+            "emoprompt.variant": variant["id"],
+        }
+        name = f"{parent.model} · {parent.strategy} · {variant['label']}"
+        run_id, action, existing_params, existing_metrics = upsert_run(
+            client, parent.experiment_id, key, params, tags, name
+        )
+        metrics = {"chosen_on_validation": float(variant["id"] == choice["chosen"])}
+        for split, table in scores.items():
+            prefix = "" if split == "test" else "validation_"
+            metrics[f"{prefix}f1_macro"] = float(table.at[variant["id"], "f1_macro"])
+            metrics[f"{prefix}accuracy"] = float(table.at[variant["id"], "accuracy"])
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, v, now, 0) for k, v in _changed_metrics(existing_metrics, metrics).items()
+            ],
+            params=[Param(k, v) for k, v in params.items() if k not in existing_params],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        link_prompt(client, run_id, run)
+        datasets.log(client, run_id, ["evaluation", "validation"])
+        client.set_terminated(run_id, "FINISHED")
+        tracked.append(
+            TrackedRun(key, parent.model, parent.strategy, run_id, parent.experiment_id, action)
+        )
+    log.info("%s: %d variant runs", parent.key, len(tracked))
+    return tracked
+
+
+PROMPT_DIGEST_TAG = "emoprompt.prompt_sha256"
+
+
+def prompt_version(client: MlflowClient, name: str, template: Any, digest: str):
+    """The registry's version of this prompt text: found by its digest, else registered
+    (one version per distinct text, however often it is tracked)."""
+    try:
+        versions = client.search_prompt_versions(name, max_results=1000)
+    except MlflowException:  # no such prompt yet
+        versions = []
+    for version in versions or []:
+        if (version.tags or {}).get(PROMPT_DIGEST_TAG) == digest:
+            return version
+    return client.register_prompt(
+        name, template, commit_message=f"sha256 {digest[:12]}", tags={PROMPT_DIGEST_TAG: digest}
+    )
+
+
+def link_prompt(client: MlflowClient, run_id: str, metadata: Mapping[str, Any]) -> None:
+    """The run's prompt, in the Prompt Registry, linked to the run."""
+    prompt = registry_prompt(metadata)
+    if prompt is not None:
+        client.link_prompt_version_to_run(run_id, prompt_version(client, *prompt))
+
+
+class Datasets:
+    """The study's data files as MLflow datasets (read once), logged as run inputs."""
+
+    def __init__(self, files: Mapping[str, str | os.PathLike[str]] | None = None):
+        self.files = {k: Path(v) for k, v in (files or {}).items()}
+        self._entities: dict[str, Any] = {}
+
+    def entity(self, context: str):
+        if context not in self._entities:
+            path = self.files[context]
+            frame = read_split(path)
+            data = mlflow.data.from_pandas(frame, source=str(path), name=path.stem, targets="label")
+            self._entities[context] = data._to_mlflow_entity()
+        return self._entities[context]
+
+    def log(self, client: MlflowClient, run_id: str, contexts: Sequence[str]) -> None:
+        """Log the run's inputs of ``contexts`` that it does not hold already."""
+        held = {
+            (item.dataset.digest, tag.value)
+            for item in client.get_run(run_id).inputs.dataset_inputs
+            for tag in item.tags
+            if tag.key == "mlflow.data.context"
+        }
+        new = [
+            DatasetInput(self.entity(c), [InputTag("mlflow.data.context", c)])
+            for c in contexts
+            if c in self.files and (self.entity(c).digest, c) not in held
+        ]
+        if new:
+            client.log_inputs(run_id, datasets=new)
 
 
 def track_runs(
@@ -181,6 +312,7 @@ def track_runs(
     trainings: Mapping[str, str | os.PathLike[str]] | None = None,
     timeout: float = 10,
     retries: int = 1,
+    datasets: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> list[TrackedRun]:
     """Log every (model, strategy) run to MLflow; safe to call again (see module docstring).
 
@@ -193,18 +325,24 @@ def track_runs(
     ``workflow_dir``: a folder of the workflow, for the git commit ("unknown" if None).
     ``trainings``: fine-tuned model -> its adapter folder; each training gets a run of
     its own, and the evaluation runs of that model are tagged with its run id.
+    ``datasets``: context (evaluation, training, validation) -> its data file, logged as
+    the runs' inputs.
     """
     commit = git_commit(workflow_dir) if workflow_dir is not None else "unknown"
     if artifact_location is not None:  # the default store: it follows a moved folder
         follow_moved_folder(tracking_uri, artifact_location)
+    # The registry links a prompt to a run through the default store: this one.
+    mlflow.set_tracking_uri(tracking_uri)
     with request_limits(timeout, retries):
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         log.info("MLflow tracking URI %s, experiment %r", redact_uri(tracking_uri), experiment)
         try:
             experiment_id = get_experiment_id(client, experiment, artifact_location)
         except (MlflowException, OSError) as exc:
             raise TrackingUnavailable(_unavailable(tracking_uri, timeout, retries, exc)) from None
-        return _track_all(client, experiment_id, runs, sample, commit, trainings)
+        return _track_all(
+            client, experiment_id, runs, sample, commit, trainings, Datasets(datasets)
+        )
 
 
 class TrackingUnavailable(RuntimeError):
@@ -235,23 +373,17 @@ def request_limits(timeout: float, retries: int) -> Iterator[None]:
         yield
 
 
-def _track_all(client, experiment_id, runs, sample, commit, trainings) -> list[TrackedRun]:
+def _track_all(client, experiment_id, runs, sample, commit, trainings, datasets):
     trained = [
         track_training(client, experiment_id, model, Path(folder), commit)
         for model, folder in (trainings or {}).items()
     ]
     training_of = {run.model: run.run_id for run in trained}
-    return trained + [
-        track_run(
-            client,
-            experiment_id,
-            files,
-            sample,
-            commit,
-            {TRAINING_RUN_TAG: training_of[files.model]} if files.model in training_of else None,
-        )
-        for files in runs
-    ]
+    tracked = list(trained)
+    for files in runs:
+        extra = {TRAINING_RUN_TAG: training_of[files.model]} if files.model in training_of else None
+        tracked += track_run(client, experiment_id, files, sample, commit, extra, datasets)
+    return tracked
 
 
 def track_training(

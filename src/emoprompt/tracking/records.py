@@ -39,6 +39,18 @@ class RunFiles:
     figure: Path  # the confusion matrix PNG
     # A study grid's run: its own sample seed (and few-shot seed), over the shared settings.
     sample: Mapping[str, Any] | None = None
+    # A prompt family's run: its variants become the run's child runs.
+    family: FamilyFiles | None = None
+
+
+@dataclass(frozen=True)
+class FamilyFiles:
+    """A prompt family's files: the variants' record, their predictions, the choice."""
+
+    record: Path
+    validation: Path
+    test: Path
+    choice: Path
 
 
 @dataclass(frozen=True)
@@ -181,9 +193,63 @@ def prompt_artifact(metadata: Mapping[str, Any]) -> tuple[str, str] | None:
     if metadata.get("messages") is not None:
         text = json.dumps(metadata["messages"], indent=2, ensure_ascii=False) + "\n"
         return "messages.json", text
-    if metadata.get("template") is not None:
-        return "template.txt", str(metadata["template"])
+    for key in ("template", "text"):
+        if metadata.get(key) is not None:
+            return f"{key}.txt", str(metadata[key])
     return None
+
+
+def registry_prompt(metadata: Mapping[str, Any]) -> tuple[str, Any, str] | None:
+    """A run's prompt for MLflow's Prompt Registry: (prompt name, template, sha256), the
+    tweet as the template variable ``{{tweet}}``; None for runs without a prompt."""
+    family, digest = metadata.get("prompt_family"), metadata.get("prompt_sha256")
+    if not family or not digest:
+        return None
+    if metadata.get("messages") is not None:
+        template = [
+            {"role": m["role"], "content": m["content"].replace("{tweet}", "{{tweet}}")}
+            for m in metadata["messages"]
+        ]
+        return f"emoprompt-{family}-chat", template, digest
+    for key, kind in (("template", "plain"), ("text", "text")):
+        if metadata.get(key) is not None:
+            return (
+                f"emoprompt-{family}-{kind}",
+                metadata[key].replace("{tweet}", "{{tweet}}"),
+                digest,
+            )
+    return None
+
+
+def variant_params(
+    parent: Mapping[str, str], variant: Mapping[str, Any], run: Mapping[str, Any]
+) -> dict[str, str]:
+    """A family variant's child run: its parent's parameters less those the variant
+    sets, the variant's axis values, and the prompt it asked."""
+    values = {f"variant_{axis}": value for axis, value in variant["values"].items()}
+    shots = run.get("few_shot") or {}
+    return {
+        **{k: v for k, v in parent.items() if k not in ("prompt_sha256", "shot_seed")},
+        "variant": variant["id"],
+        **values,
+        "prompt_sha256": _text(run.get("prompt_sha256")),
+        "shot_seed": _text(shots.get("seed")),
+    }
+
+
+#: The contexts in which a run's data is logged as an MLflow input.
+INPUT_CONTEXTS = ("evaluation", "training", "validation")
+
+
+def run_inputs(strategy_family: str | None, method: str | None, family: bool) -> list[str]:
+    """The data a run used, by context: the evaluation sample always; the training split
+    where it supplies shots, training or the baseline; a family's validation sample."""
+    contexts = ["evaluation"]
+    if strategy_family in ("few_shot", "finetuned") or method in ("probe", "tfidf"):
+        contexts.append("training")
+    if family:
+        contexts.append("validation")
+    return contexts
 
 
 TRAINING_RUN_TAG = "emoprompt.training_run_id"
