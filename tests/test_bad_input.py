@@ -301,14 +301,17 @@ def test_calibration_with_shots_chosen_per_tweet_is_refused_by_a_dry_run(workflo
     prompt = workflow_dir / "prompts" / "few_shot.yaml"
     prompt.write_text(prompt.read_text().replace("selection: random", "selection: similar"))
     extra = workflow_dir / "calibrated.yaml"
-    extra.write_text("scoring:\n  calibrate: true\n")
-    result = run_snakemake(workflow_dir, "-n", "--configfile", str(extra), check=False)
-    assert result.returncode != 0
-    message = result.stdout + result.stderr
-    assert "prompts/few_shot.yaml: 'selection' 'similar' chooses the shots per tweet" in message
-    assert "scoring.calibrate" in message
-    extra.write_text("scoring:\n  calibrate: false\n")
-    run_snakemake(workflow_dir, "-n", "--configfile", str(extra))  # without it: fine
+    for setting in ("scoring:\n  calibrate: true\nprompt_variants: {strategies: []}\n",
+                    "prompt_variants: {calibration: [none, contextual]}\n"):  # fmt: skip
+        extra.write_text(setting)
+        result = run_snakemake(workflow_dir, "-n", "--configfile", str(extra), check=False)
+        assert result.returncode != 0
+        message = result.stdout + result.stderr
+        assert "prompts/few_shot.yaml: 'selection' 'similar' chooses the shots per tweet" in message
+        assert setting.split(":")[0] in message  # the setting that asks for it
+    # without contextual calibration: fine
+    extra.write_text("prompt_variants: {calibration: [none, batch]}\n")
+    run_snakemake(workflow_dir, "-n", "--configfile", str(extra))
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_a_base_model_reads_the_plain_text_file_of_each_family():
 def test_shots_are_solved_blocks_and_the_tweets_block_is_left_open():
     few = load_prompt_file(FEW, "few_shot_text")
     parts = render(few, "Hoy llueve otra vez", shots=SHOTS)
-    instruction = few.settings["instruction"]
+    instruction = few.settings["instruction"].replace("{labels}", ", ".join(LABELS))
     assert parts.text == (
         f"{instruction}\n\n"
         "Tuit: ¡Qué bien, por fin vacaciones!\nEmoción: Alegría\n\n"

@@ -102,8 +102,9 @@ def test_a_grid_runs_few_shot_strategies_per_seed_pair_and_others_per_sample_see
     assert not {"predict", "baseline", "metrics", "results_table", "track"} & set(rules)
 
     # Without sample_seeds/fewshot_seeds the run and its paths are the single-seed ones.
+    # (its first-token strategies run their prompt families: a grid runs the file's prompt)
     single = {rule for rule, _ in planned(workflow_dir, *config)}
-    assert {"predict", "baseline", "results_table", "track"} <= single
+    assert {"predict_family", "baseline", "results_table", "track"} <= single
     assert not any(rule.endswith("_grid") for rule in single)
 
 

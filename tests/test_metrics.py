@@ -231,7 +231,8 @@ def test_table_files(tmp_path: Path) -> None:
     lines = md.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "| " + " | ".join(TABLE_COLUMNS) + " |"
     assert lines[2].startswith("| smol | zero_shot_generate | 0.123 |")
-    assert lines[2].endswith("| 25.0 |  |  |")  # unknown speed, no validation: blank
+    # unknown speed, no validation, the prompt file's own prompt: blank
+    assert lines[2].endswith("| 25.0 |  |  |  |")
     assert table_markdown(table).splitlines() == lines
     back = pd.read_csv(csv)
     assert list(back.columns) == list(TABLE_COLUMNS)

@@ -26,8 +26,8 @@ from emoprompt.plan import (
     check_prompt_files,
     merged_config,
 )
-from emoprompt.prompting.prompt_file import PromptError
 from emoprompt.plan.study import SAMPLE, TRAIN
+from emoprompt.prompting.prompt_file import PromptError
 from emoprompt.tracking.records import run_key
 
 SMOL = "smollm2-135m-instruct"

@@ -39,7 +39,8 @@ def test_zero_shot_chat_prompt_structure(zero_shot, llama3_tokenizer):
     parts = render_chat(llama3_tokenizer, messages, FIXED_DATE)
     assert parts.text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>")
     assert "Cutting Knowledge Date" in parts.prefix and "26 Jul 2024" in parts.prefix
-    assert zero_shot.settings["system"] in parts.prefix
+    assert messages[0]["content"] in parts.prefix
+    assert "{labels}" not in parts.prefix and "Miedo, Sorpresa, Otras." in parts.prefix
     # The tweet's own part: its user turn, then the assistant header where the answer starts.
     assert parts.suffix == (
         "<|start_header_id|>user<|end_header_id|>\n\n"

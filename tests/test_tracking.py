@@ -352,3 +352,98 @@ def test_a_copied_results_folder_tracks_into_itself_not_the_original(tracked, tm
         artifact_uri = client.get_run(run.run_id).info.artifact_uri
         assert artifact_uri.startswith(copy.resolve().as_uri()), artifact_uri
         assert client.list_artifacts(run.run_id, "predictions")  # found in the copy
+
+
+def make_family_files(root: Path) -> RunFiles:
+    """A prompt family of three variants (two prompt texts, one of them calibrated too)."""
+    from emoprompt.tracking import FamilyFiles
+
+    files = make_run_files(root, "smol", "zero_shot_first_token", seed=5)
+    meta = json.loads(files.metadata.read_text())
+    prompts = {"v000": "¿Qué emoción? {tweet}", "v001": "¿Qué emoción? {tweet}",
+               "v002": "Emoción del tuit: {tweet}"}  # fmt: skip
+    variants = []
+    for i, (variant, text) in enumerate(prompts.items()):
+        run = {"prompt_family": "zero_shot", "prompt_sha256": text.encode().hex()[:64],
+               "messages": [{"role": "user", "content": text}]}  # fmt: skip
+        values = {"instruction": "base" if i < 2 else "otra",
+                  "calibration": "batch" if i == 1 else "none"}  # fmt: skip
+        variants.append({"id": variant, "index": i, "label": variant, "values": values, "run": run})
+    meta.update(prompt_family="zero_shot", prompt_sha256=variants[0]["run"]["prompt_sha256"])
+    files.metadata.write_text(json.dumps(meta))
+    family = root / "variants"
+    family.mkdir()
+    record = {"model": "smol", "strategy": "zero_shot_first_token", "variants": variants}
+    (family / "variants.json").write_text(json.dumps(record))
+    (family / "choice.json").write_text(json.dumps({"chosen": "v002"}))
+    for split, n in (("validation", 8), ("test", 30)):
+        rows = [{"variant": v, "id": str(i), "gold": LABELS[i % 7],
+                 "predicted": LABELS[(i + k) % 7], "parsed": True, "raw": "", "truncated": False}
+                for k, v in enumerate(prompts) for i in range(n)]  # fmt: skip
+        pd.DataFrame(rows).to_csv(family / f"{split}.tsv", sep="\t", index=False)
+    names = ("variants.json", "validation.tsv", "test.tsv", "choice.json")
+    paths = [family / name for name in names]
+    return RunFiles(*[getattr(files, f) for f in ("model", "strategy", "predictions", "metadata",
+                                                  "metrics", "figure")], None,
+                    FamilyFiles(*paths))  # fmt: skip
+
+
+def test_a_family_is_a_parent_run_with_a_child_per_variant_logged_once(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    uri, artifacts = resolve_tracking_uri(results, environ={})
+    run = make_family_files(results)
+    data = tmp_path / "data"
+    data.mkdir()
+    splits = {}
+    for context, n in (("evaluation", 30), ("training", 50), ("validation", 8)):
+        frame = pd.DataFrame({"id": [f"{context}{i}" for i in range(n)], "event": "X",
+                              "tweet": [f"tuit {i}" for i in range(n)], "offensive": "NO",
+                              "label": [LABELS[i % 7] for i in range(n)]})  # fmt: skip
+        splits[context] = data / f"{context}.tsv"
+        frame.to_csv(splits[context], sep="\t", index=False)
+
+    def track():
+        return track_runs([run], experiment=EXPERIMENT, tracking_uri=uri, sample=SAMPLE,
+                          artifact_location=artifacts, datasets=splits)  # fmt: skip
+
+    first = track()
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+    def state():
+        runs = active_runs(client, experiment_id)
+        versions = client.search_prompt_versions("emoprompt-zero_shot-chat")
+        inputs = {r.info.run_id: sorted(t.value for i in r.inputs.dataset_inputs for t in i.tags)
+                  for r in runs}  # fmt: skip
+        return runs, versions, inputs
+
+    runs, versions, inputs = state()
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 4 and len(children) == 3 and len(first) == 4
+    by_variant = {r.data.params["variant"]: r for r in children}
+    assert by_variant["v001"].data.params["variant_calibration"] == "batch"
+    assert by_variant["v002"].data.params["variant_instruction"] == "otra"
+    assert by_variant["v002"].data.metrics["chosen_on_validation"] == 1.0
+    assert by_variant["v000"].data.metrics["chosen_on_validation"] == 0.0
+    assert by_variant["v000"].data.metrics["accuracy"] == pytest.approx(1.0)
+    assert by_variant["v001"].data.metrics["validation_accuracy"] == pytest.approx(0.0)
+    # one registry version per distinct prompt text, each linked to the runs that asked it
+    assert len(versions) == 2
+    assert {v.template[0]["content"] for v in versions} == {
+        "¿Qué emoción? {{tweet}}", "Emoción del tuit: {{tweet}}"}  # fmt: skip
+    linked = {r.data.params.get("variant", "parent"): r.data.tags["mlflow.linkedPrompts"]
+              for r in runs}  # fmt: skip
+    assert linked["v000"] == linked["v001"] == linked["parent"] != linked["v002"]
+    # the data as inputs, by context: the parent's evaluation and validation samples
+    # (zero-shot: no train split), each child's too
+    assert inputs[parent.info.run_id] == ["evaluation", "validation"]
+    assert all(inputs[r.info.run_id] == ["evaluation", "validation"] for r in children)
+    digest = parent.inputs.dataset_inputs[0].dataset.digest
+    assert digest and all(len(r.inputs.dataset_inputs) == 2 for r in runs)
+
+    second = track()  # tracking again adds no run, no version, no input
+    assert [t.action for t in second] == ["updated"] * 4
+    again = state()
+    assert sorted(r.info.run_id for r in again[0]) == sorted(r.info.run_id for r in runs)
+    assert len(again[1]) == 2 and again[2] == inputs

@@ -192,7 +192,8 @@ def test_one_mlflow_run_per_model_and_strategy(finished_run: Path):
     assert "prefix_reuse" in params["speedups"].split(",")
 
 
-VARIANTS = "results/variants/smollm2-135m-instruct"
+MODEL = "smollm2-135m-instruct"
+VARIANTS = f"results/variants/{MODEL}"
 
 
 def test_the_families_rows_are_their_variants_chosen_on_validation(finished_run: Path):
@@ -204,10 +205,11 @@ def test_the_families_rows_are_their_variants_chosen_on_validation(finished_run:
     for strategy, size in FAMILIES.items():
         choice = json.loads((finished_run / VARIANTS / strategy / "choice.json").read_text())
         row = table[table["experiment"] == strategy]
-        assert row["prompt"].iloc[0].startswith(f"chosen on validation: {choice['chosen']} of {size}")
+        marked = f"chosen on validation: {choice['chosen']} of {size}"
+        assert row["prompt"].iloc[0].startswith(marked)
         test = read_predictions(finished_run / VARIANTS / strategy / "test.tsv")
         chosen = test[test["variant"] == choice["chosen"]].drop(columns="variant")
-        written = read_predictions(results / "predictions/smollm2-135m-instruct" / f"{strategy}.tsv")
+        written = read_predictions(results / "predictions" / MODEL / f"{strategy}.tsv")
         pd.testing.assert_frame_equal(chosen.reset_index(drop=True), written)
         spread = sensitivity[sensitivity["strategy"] == strategy].iloc[0]
         assert spread["variants"] == size and spread["chosen"] == choice["chosen"]

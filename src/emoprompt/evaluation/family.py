@@ -119,6 +119,28 @@ def calibrated_rows(frame: pd.DataFrame, splits: Sequence[str], variant: Variant
     return out
 
 
+def score_variants(strategy, model, train, tweets, groups, fitted, run_settings):
+    """Each prompt variant's pass over the tweets, then each of its calibrations: the
+    predictions per split, and each variant's record."""
+    engine, tokenizer = model
+    rows: dict[str, list[pd.DataFrame]] = {split: [] for split in SPLITS}
+    records = []
+    for key, members in tqdm(groups.items(), desc=f"{strategy.name} variants", unit="prompt"):
+        written, fit = fitted[key]
+        result = run_llm_strategy(
+            *(strategy, engine, tokenizer, written, train, fit.sample, run_settings),
+            truncated=fit.truncated,
+        )
+        frame = result.predictions.assign(split=tweets["split"].to_numpy())
+        log.info("%s: %.2f tweets/s", members[0].label, result.metadata["tweets_per_s"] or 0)
+        for variant in members:
+            parts = calibrated_rows(frame, SPLITS, variant, run_settings.fallback_label)
+            for split, part in zip(SPLITS, parts, strict=True):
+                rows[split].append(part)
+            records.append({**variant_record(variant), "run": _run_record(result.metadata)})
+    return rows, records
+
+
 def run_family(
     *,
     model_name: str,
@@ -165,21 +187,9 @@ def run_family(
         *(model_name, strategy_name, len(variants), len(groups), len(validation), len(sample)),
         batch_size,
     )
-    rows: dict[str, list[pd.DataFrame]] = {split: [] for split in SPLITS}
-    records = []
-    for key, members in tqdm(groups.items(), desc=f"{strategy_name} variants", unit="prompt"):
-        written, fit = fitted[key]
-        result = run_llm_strategy(
-            *(strategy, engine, tokenizer, written, train, fit.sample, run_settings),
-            truncated=fit.truncated,
-        )
-        frame = result.predictions.assign(split=tweets["split"].to_numpy())
-        for variant in members:
-            for split, part in zip(SPLITS, calibrated_rows(frame, SPLITS, variant,
-                                                            run_settings.fallback_label),
-                                   strict=True):  # fmt: skip
-                rows[split].append(part)
-            records.append({**variant_record(variant), "run": _run_record(result.metadata)})
+    rows, records = score_variants(
+        strategy, (engine, tokenizer), train, tweets, groups, fitted, run_settings
+    )
     record = {
         "model": model_name,
         "strategy": strategy_name,

@@ -119,7 +119,7 @@ def check_variants(data: Mapping[str, Any], path: Any, family: str, text: bool) 
                 raise PromptError(
                     f"{where}: {name!r} is not a value name ({BASE!r} is the file's own)"
                 )
-            _check_value(axis, value, f"{where}.{name}", data, text)
+            _check_value(axis, value, f"{path}: 'variants.{axis}.{name}'", data, text)
 
 
 def _check_value(axis: str, value: Any, where: str, data: Mapping[str, Any], text: bool):

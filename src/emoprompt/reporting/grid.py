@@ -29,7 +29,7 @@ from emoprompt.reporting.results import TABLE_COLUMNS, results_table
 # The scores summarised over seeds: the results table's, without the keys, the speed and
 # the validation score (the same for every sample seed).
 GRID_SCORES: tuple[str, ...] = tuple(
-    c for c in TABLE_COLUMNS[2:] if c not in ("tweets/s", "validation F1 macro")
+    c for c in TABLE_COLUMNS[2:] if c not in ("tweets/s", "validation F1 macro", "prompt")
 )
 _DECIMALS = {"unparsed %": 1}
 
