@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: gpu-check-bundle setup gemma-setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune conformance clean
+.PHONY: gpu-check-bundle setup gemma-setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune bench-family conformance clean
 
 setup: $(STAMP)
 
@@ -113,6 +113,12 @@ bench-finetune: setup
 	$(BIN)/snakemake data/processed/test.tsv data/models/$(BENCH_MODEL) \
 	  --cores $(CORES) $(if $(DATA),--config data_source=$(DATA)) --rerun-triggers mtime
 	$(BIN)/python benchmarks/finetune.py --model $(BENCH_MODEL)
+
+# What a prompt family costs against one prompt (about 5 minutes on a 2-core CPU).
+bench-family: setup
+	$(BIN)/snakemake data/processed/validation_sample.tsv data/models/$(BENCH_MODEL) \
+	  --cores $(CORES) $(if $(DATA),--config data_source=$(DATA)) --rerun-triggers mtime
+	$(BIN)/python benchmarks/family.py --model $(BENCH_MODEL)
 
 # The conformance matrix (about 3 minutes on a 2-core CPU): tiny random models of every
 # architecture the capability table covers, the engine against the plain reference

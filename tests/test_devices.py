@@ -91,8 +91,23 @@ def test_only_jobs_asking_for_it_pin_a_gpu() -> None:
         assert device is None
 
 
+def gpu_rules() -> set[str]:
+    """The workflow's rules that ask for a GPU (``resources: gpu=1``), and the grid's
+    copies of them (``use rule X as X_grid``)."""
+    import re
+
+    text = "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
+    rules = {m.group(1) for m in re.finditer(r"^rule (\w+):\n((?:    .*\n|\n)*)", text, re.M)
+             if "gpu=1" in m.group(2)}  # fmt: skip
+    copies = {m.group(2) for m in re.finditer(r"^use rule (\w+) as (\w+)", text, re.M)
+              if m.group(1) in rules}  # fmt: skip
+    return rules | copies
+
+
 def test_local_gpus_profile_pins_every_gpu_rule() -> None:
     profile = yaml.safe_load((REPO / "profiles" / "local-gpus" / "config.yaml").read_text())
     assert profile["resources"]["gpu"] >= 1
-    for rule in ("predict", "predict_grid", "finetune"):
-        assert profile["set-resources"][rule]["pin_gpu"] == 1
+    rules = gpu_rules()
+    assert {"predict", "predict_family", "predict_grid", "finetune", "probe"} <= rules
+    for rule in rules:
+        assert profile["set-resources"][rule]["pin_gpu"] == 1, rule

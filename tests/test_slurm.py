@@ -49,6 +49,7 @@ def run_config(data_dir: Path) -> list[str]:
         "sample_size=4",
         "sample_seed=3",
         f"strategies=[{','.join(STRATEGIES)}]",
+        "prompt_variants={'strategies': []}",  # each strategy's own prompt
     ]
 
 
@@ -58,7 +59,7 @@ def gpu_less_profile(cluster: SlurmCluster, folder: Path) -> Path:
     partition = profile["default-resources"]["slurm_partition"]
     assert cluster.partition == partition
     gpu_rules = [r for r, res in profile["set-resources"].items() if res.get("gpu")]
-    assert {"predict", "predict_grid", "finetune"} <= set(gpu_rules)
+    assert {"predict", "predict_family", "predict_grid", "finetune"} <= set(gpu_rules)
     for resources in [profile["default-resources"], *profile["set-resources"].values()]:
         if any(key in resources for key in GPU_KEYS):
             for key in GPU_KEYS:

@@ -85,6 +85,7 @@ def finished(tmp_path_factory, request, data_dir: Path, smollm2_dir: Path):
     config = {
         "models": [*MODELS, *EMBEDDED],
         "strategies": [*PROMPTING, "baseline_tfidf"],
+        "prompt_variants": {"strategies": []},  # each strategy's own prompt
         "model_catalogue": catalogue,
         "sample_size": 6,
         "sample_scheme": "stratified",
