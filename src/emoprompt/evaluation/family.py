@@ -101,14 +101,16 @@ def tweets_frame(validation: pd.DataFrame, sample: pd.DataFrame, content_free: b
 
 def calibrated_rows(frame: pd.DataFrame, splits: Sequence[str], variant: Variant, fallback: str):
     """The predictions of one variant: its prompt's scores calibrated as it says, each
-    split by its own batch; the content-free rows dropped."""
+    split by its own batch; the content-free rows dropped. And the prior each split was
+    divided by (none for an uncalibrated variant)."""
     columns = score_columns()
     free = frame[frame["split"] == CONTENT_FREE_SPLIT][columns].to_numpy()
-    out = []
+    out, priors = [], {}
     for split in splits:
         rows = frame[frame["split"] == split].copy()
         if variant.calibration != "none":
-            probs, _ = calibrate(rows[columns].to_numpy(), variant.calibration, free)
+            probs, prior = calibrate(rows[columns].to_numpy(), variant.calibration, free)
+            priors[split] = dict(zip(LABELS, np.round(prior, 6).tolist(), strict=True))
             rows[columns] = probs
             scored = ~np.isnan(probs).any(axis=1)
             best = np.nan_to_num(probs, nan=0.0).argmax(axis=1)
@@ -116,7 +118,7 @@ def calibrated_rows(frame: pd.DataFrame, splits: Sequence[str], variant: Variant
                 LABELS[i] if ok else fallback for ok, i in zip(scored, best, strict=True)
             ]
         out.append(rows.assign(variant=variant.id))
-    return out
+    return out, priors
 
 
 def score_variants(strategy, model, train, tweets, groups, fitted, run_settings):
@@ -134,10 +136,11 @@ def score_variants(strategy, model, train, tweets, groups, fitted, run_settings)
         frame = result.predictions.assign(split=tweets["split"].to_numpy())
         log.info("%s: %.2f tweets/s", members[0].label, result.metadata["tweets_per_s"] or 0)
         for variant in members:
-            parts = calibrated_rows(frame, SPLITS, variant, run_settings.fallback_label)
+            parts, priors = calibrated_rows(frame, SPLITS, variant, run_settings.fallback_label)
             for split, part in zip(SPLITS, parts, strict=True):
                 rows[split].append(part)
-            records.append({**variant_record(variant), "run": _run_record(result.metadata)})
+            run = {**_run_record(result.metadata), "calibration_prior": priors or None}
+            records.append({**variant_record(variant), "run": run})
     return rows, records
 
 
