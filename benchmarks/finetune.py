@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from harness.measure import machine_info
-from harness.tables import replace_block
+from harness.tables import job_arguments, publish
 
-from emoprompt.infra.files import atomic_open, write_json
 from emoprompt.plan import Study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,18 +141,10 @@ def render(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--workdir", type=Path, default=ROOT, help="where the workflow ran")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "finetune")
-    parser.add_argument("--doc", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--threads", type=int, default=2)
+    job_arguments(parser, ROOT, "finetune")
     args = parser.parse_args(argv)
     result = measure(args)
-    write_json(args.out / "finetune.json", result)
-    text = args.doc.read_text(encoding="utf-8") if args.doc.exists() else "# Benchmarks\n"
-    with atomic_open(args.doc) as handle:
-        handle.write(replace_block(text, render(result), MARKERS))
-    print(render(result))
+    publish(result, render(result), args.out / "finetune.json", args.doc, MARKERS)
     return 0
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from harness.measure import BENCH_SEED, GAUGE_SHAPE, NOTEBOOK, SERVES, WARMUP_TWEETS
 
 from emoprompt.inference.capabilities import SPEEDUPS
+from emoprompt.infra.files import atomic_open, write_json
 
 #: A speed-up stays where it makes its strategy at least this much faster.
 PAYS = 1.10
@@ -346,6 +348,25 @@ def replace_block(text: str, block: str, markers: tuple[str, str] = MARKERS) -> 
         text = f"{text.rstrip()}\n\n{start}\n{end}\n"
     head, rest = text.split(start, 1)
     return f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
+
+
+def job_arguments(parser, root, name: str) -> None:
+    """The options of a benchmark that times the workflow's jobs (fine-tuning, prompt
+    families): the model, where the workflow ran, where results go, the threads."""
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--workdir", type=Path, default=root, help="where the workflow ran")
+    parser.add_argument("--out", type=Path, default=root / "results" / "bench" / name)
+    parser.add_argument("--doc", type=Path, default=root / "BENCHMARKS.md")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def publish(result: Mapping[str, Any], text: str, json_path: Path, doc: Path, markers) -> None:
+    """The result as JSON, and its table between ``markers`` of BENCHMARKS.md."""
+    write_json(json_path, result)
+    old = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    with atomic_open(doc) as handle:
+        handle.write(replace_block(old, text, markers))
+    print(text)
 
 
 # ---------------------------------------------------------------------- running cases
