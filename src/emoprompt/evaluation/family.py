@@ -36,6 +36,7 @@ from emoprompt.evaluation.predictions import score_columns
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES
 from emoprompt.infra.files import atomic_open, sha256_file, write_json
+from emoprompt.infra.provenance import library_versions
 from emoprompt.infra.runtime import configure_cpu
 from emoprompt.labels import LABELS
 from emoprompt.models.spec import ModelSpec
@@ -207,6 +208,7 @@ def run_family(
             "size": len(variants),
         },
         "validation_sample": _sample_record(validation_path, validation),
+        "versions": library_versions(),
         "variants": records,
         **provenance_record(sample_path, settings, workflow_dir),
     }
