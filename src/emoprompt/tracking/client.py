@@ -280,7 +280,8 @@ class Datasets:
         if context not in self._entities:
             path = self.files[context]
             frame = read_split(path)
-            data = mlflow.data.from_pandas(frame, source=str(path), name=path.stem, targets="label")
+            targets = "label" if "label" in frame.columns else None
+            data = mlflow.data.from_pandas(frame, source=str(path), name=path.stem, targets=targets)
             self._entities[context] = data._to_mlflow_entity()
         return self._entities[context]
 
