@@ -282,7 +282,8 @@ def test_a_family_job_loads_its_model_once_and_its_base_variant_is_the_single_pr
         json_out=str(tmp_path / "r.json"),
     )  # fmt: skip
     assert len(loads) == 1
-    assert record["versions"]["torch"] and record["family"]["size"] == 24 and record["family"]["prompts"] == 8
+    assert record["versions"]["torch"]
+    assert record["family"]["size"] == 24 and record["family"]["prompts"] == 8
     test = read_predictions(str(tmp_path / "t.tsv"))
     validation = read_predictions(str(tmp_path / "v.tsv"))
     assert len(test) == 24 * 4 and len(validation) == 24 * 5
