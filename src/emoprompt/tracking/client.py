@@ -281,7 +281,12 @@ class Datasets:
             path = self.files[context]
             frame = read_split(path)
             targets = "label" if "label" in frame.columns else None
-            data = mlflow.data.from_pandas(frame, source=str(path), name=path.stem, targets=targets)
+            # the digest is the file's sha256 (as the prediction records give it), cut to
+            # the length MLflow stores
+            digest = sha256_file(path)[:32]
+            data = mlflow.data.from_pandas(
+                frame, source=str(path), name=path.stem, targets=targets, digest=digest
+            )
             self._entities[context] = data._to_mlflow_entity()
         return self._entities[context]
 
