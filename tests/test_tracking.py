@@ -446,6 +446,8 @@ def test_a_family_is_a_parent_run_with_a_child_per_variant_logged_once(tmp_path:
              for c in ("evaluation", "validation")}  # fmt: skip
     assert digests == files and all(len(r.inputs.dataset_inputs) == 2 for r in runs)
 
+    # the store is this call's alone: no later process inherits it
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     second = track()  # tracking again adds no run, no version, no input
     assert [t.action for t in second] == ["updated"] * 4
     again = state()

@@ -283,6 +283,7 @@ def test_a_family_job_loads_its_model_once_and_its_base_variant_is_the_single_pr
     )  # fmt: skip
     assert len(loads) == 1
     assert record["versions"]["torch"]
+    assert record["variants"][0]["run"]["prompt_token_limit"] > 0  # measured, as any job
     assert record["family"]["size"] == 24 and record["family"]["prompts"] == 8
     test = read_predictions(str(tmp_path / "t.tsv"))
     validation = read_predictions(str(tmp_path / "v.tsv"))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from emoprompt.data.splits import read_split
 from emoprompt.evaluation.calibration import CONTENT_FREE, calibrate
+from emoprompt.evaluation.context import truncation_record
 from emoprompt.evaluation.job import (
     JobModel,
     check_prompt,
@@ -125,7 +126,7 @@ def calibrated_rows(frame: pd.DataFrame, splits: Sequence[str], variant: Variant
 def score_variants(strategy, model, train, tweets, groups, fitted, run_settings):
     """Each prompt variant's pass over the tweets, then each of its calibrations: the
     predictions per split, and each variant's record."""
-    engine, tokenizer = model
+    engine, tokenizer, context = model
     rows: dict[str, list[pd.DataFrame]] = {split: [] for split in SPLITS}
     records = []
     for key, members in tqdm(groups.items(), desc=f"{strategy.name} variants", unit="prompt"):
@@ -140,7 +141,11 @@ def score_variants(strategy, model, train, tweets, groups, fitted, run_settings)
             parts, priors = calibrated_rows(frame, SPLITS, variant, run_settings.fallback_label)
             for split, part in zip(SPLITS, parts, strict=True):
                 rows[split].append(part)
-            run = {**_run_record(result.metadata), "calibration_prior": priors or None}
+            run = {
+                **truncation_record(fit, context),
+                **_run_record(result.metadata),
+                "calibration_prior": priors or None,
+            }
             records.append({**variant_record(variant), "run": run})
     return rows, records
 
@@ -192,7 +197,7 @@ def run_family(
         batch_size,
     )
     rows, records = score_variants(
-        strategy, (engine, tokenizer), train, tweets, groups, fitted, run_settings
+        strategy, (engine, tokenizer, model.context), train, tweets, groups, fitted, run_settings
     )
     record = {
         "model": model_name,

@@ -105,12 +105,15 @@ def write_chosen(
     if frame.empty:
         raise ValueError(f"{test_path}: no predictions of the chosen variant {choice['chosen']}")
     variant = next(v for v in record["variants"] if v["id"] == choice["chosen"])
+    ids = set(frame["id"])
     job = {k: v for k, v in record.items() if k not in ("variants", "family")}
     metadata = {
         **job,
         **variant["run"],
         "tweets": len(frame),
         "unparsed": int((~frame["parsed"]).sum()),
+        "truncated": int(frame["truncated"].sum()),
+        "truncated_ids": [i for i in variant["run"].get("truncated_ids", []) if i in ids],
         "validation": choice["validation"],
         "prompt_choice": {
             "chosen_on": "validation",

@@ -37,6 +37,7 @@ from emoprompt.models.adapter import (
 from emoprompt.tracking.records import (
     KEY_TAG,
     SUPERSEDED_TAG,
+    TRACKING_URI_ENV,
     TRAINING_RUN_TAG,
     TRAINING_STRATEGY,
     RunFiles,
@@ -337,9 +338,7 @@ def track_runs(
     commit = git_commit(workflow_dir) if workflow_dir is not None else "unknown"
     if artifact_location is not None:  # the default store: it follows a moved folder
         follow_moved_folder(tracking_uri, artifact_location)
-    # The registry links a prompt to a run through the default store: this one.
-    mlflow.set_tracking_uri(tracking_uri)
-    with request_limits(timeout, retries):
+    with request_limits(timeout, retries), default_store(tracking_uri):
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         log.info("MLflow tracking URI %s, experiment %r", redact_uri(tracking_uri), experiment)
         try:
@@ -349,6 +348,22 @@ def track_runs(
         return _track_all(
             client, experiment_id, runs, sample, commit, trainings, Datasets(datasets)
         )
+
+
+@contextlib.contextmanager
+def default_store(uri: str) -> Iterator[None]:
+    """MLflow's default store set to ``uri`` for a block (the registry links a prompt to
+    a run through it), then unset, and ``MLFLOW_TRACKING_URI`` put back as it was: MLflow
+    exports the default to the environment, where later child processes (other
+    workflows) would inherit it."""
+    before = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ[TRACKING_URI_ENV] = before
 
 
 class TrackingUnavailable(RuntimeError):
