@@ -120,9 +120,11 @@ def render(result: dict) -> str:
         f"Measured on {result['date']}: {machine['cpu']}, {machine['cores']} cores, "
         f"torch {machine['torch']}, transformers {machine['transformers']}; "
         f"{result['model']} (dequantised from Q4_1 to float32), the default family "
-        "(4 instructions x 2 verbalizers, each with 3 calibrations), 100 validation and 100 "
-        "test tweets, `python benchmarks/family.py`. Each job in its own process, timed "
-        "from its start to its files written (the model's load included).",
+        "(4 instructions x 2 verbalizers, each with 3 calibrations), the workflow's "
+        f"samples ({result['rows'][0]['tweets']} test tweets; a family scores the "
+        "validation sample and 3 content-free inputs too), `python benchmarks/family.py`. "
+        "Each job in its own process, timed from its start to its files written (the "
+        "model's load included).",
         "",
         "| strategy | job | prompt texts | variants | tweets scored | seconds | "
         "against one prompt | seconds per prompt text |",
