@@ -184,10 +184,8 @@ def test_the_chat_api_runs_what_it_can_answer_and_agrees_with_the_engine(finishe
             backend = meta["backend"]
             scores = served.filter(like="p_").to_numpy()
             unscored = np.isnan(scores).any(axis=1)
-            assert strategy in FAMILIES or unscored.sum() == meta["unparsed"]
-            # a family's backend counts over both samples; a single prompt's, the test's
-            assert backend["unscored"] >= unscored.sum()
-            assert strategy in FAMILIES or backend["unscored"] == unscored.sum()
+            if strategy not in FAMILIES:  # a family's record is its chosen variant's
+                assert backend["unscored"] == unscored.sum() == meta["unparsed"]
             assert "labels_absent" in backend
             assert np.allclose(scores[~unscored].sum(axis=1), 1.0)
         if strategy == "zero_shot_generate":  # the same template and greedy decoding
