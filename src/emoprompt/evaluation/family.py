@@ -33,10 +33,10 @@ from emoprompt.evaluation.job import (
     job_settings,
     provenance_record,
 )
-from emoprompt.evaluation.predictions import score_columns
+from emoprompt.evaluation.predictions import score_columns, write_predictions
 from emoprompt.evaluation.runner import run_llm_strategy
 from emoprompt.evaluation.strategies import STRATEGIES
-from emoprompt.infra.files import atomic_open, sha256_file, write_json
+from emoprompt.infra.files import sha256_file, write_json
 from emoprompt.infra.provenance import library_versions
 from emoprompt.infra.runtime import configure_cpu
 from emoprompt.labels import LABELS
@@ -234,7 +234,4 @@ def _sample_record(path: str, frame: pd.DataFrame) -> dict[str, Any]:
 
 def _write_rows(frame: pd.DataFrame, path: str) -> None:
     columns = ["variant", *[c for c in frame.columns if c not in ("variant", "split")]]
-    with atomic_open(path, newline="") as handle:
-        frame[columns].to_csv(
-            handle, sep="\t", index=False, lineterminator="\n", float_format="%.6g"
-        )
+    write_predictions(frame[columns], path)

@@ -129,7 +129,6 @@ class JobModel:
     spec: ModelSpec
     tokenizer: Any
     context: int | None
-    settings: Mapping[str, Any]
     remote: tuple[Any, dict[str, Any]] | None = None
 
     @classmethod
@@ -143,8 +142,8 @@ class JobModel:
         check_chat_template(name, spec, tokenizer, prompt)
         if spec.served is not None:
             engine, info, context = _remote(spec, location, tokenizer, settings)
-            return cls(name, spec, tokenizer, context, settings, (engine, info))
-        return cls(name, spec, tokenizer, context_length(spec, location, tokenizer), settings)
+            return cls(name, spec, tokenizer, context, (engine, info))
+        return cls(name, spec, tokenizer, context_length(spec, location, tokenizer))
 
     def fit(self, strategy, prompt, train, sample, run_settings: Settings):
         """Every tweet's prompt measured against the context, cut where it does not fit."""

@@ -62,11 +62,14 @@ def predictions_frame(
 
 def write_result(result: Result, tsv_path: str, json_path: str) -> None:
     """Write the per-tweet predictions (TSV) and the run's metadata (JSON), atomically."""
-    with atomic_open(tsv_path, newline="") as handle:
-        result.predictions.to_csv(
-            handle, sep="\t", index=False, lineterminator="\n", float_format="%.6g"
-        )
+    write_predictions(result.predictions, tsv_path)
     write_json(json_path, result.metadata)
+
+
+def write_predictions(frame: pd.DataFrame, path: str) -> None:
+    """A predictions TSV, atomically (what :func:`read_predictions` reads)."""
+    with atomic_open(path, newline="") as handle:
+        frame.to_csv(handle, sep="\t", index=False, lineterminator="\n", float_format="%.6g")
 
 
 def read_predictions(path: str) -> pd.DataFrame:

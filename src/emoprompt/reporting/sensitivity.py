@@ -61,10 +61,10 @@ def floor_f1(gold: Sequence[str]) -> float:
 
 
 def sensitivity_row(
-    model: str, strategy: str, test: pd.DataFrame, choice: Mapping[str, Any], metrics: Mapping
+    model: str, strategy: str, scores: pd.Series, choice: Mapping[str, Any], metrics: Mapping
 ) -> dict[str, Any]:
-    """One (model, strategy)'s spread over its variants and its chosen variant."""
-    scores = variant_scores(test).set_index("variant")["f1_macro"]
+    """One (model, strategy)'s spread over its variants (``scores``: test macro F1 by
+    variant, in the family's order) and its chosen variant."""
     chosen = choice["chosen"]
     interval = metrics["intervals"]["f1_macro"]
     width = interval["high"] - interval["low"]
@@ -185,8 +185,8 @@ def write_sensitivity(
     """The spread table (Markdown, CSV) and its figure."""
     rows, points = [], []
     for (model, strategy), test, choice, metric in zip(pairs, tests, choices, metrics, strict=True):
-        rows.append(sensitivity_row(model, strategy, test, choice, metric))
         scores = variant_scores(test).set_index("variant")["f1_macro"]
+        rows.append(sensitivity_row(model, strategy, scores, choice, metric))
         interval = metric["intervals"]["f1_macro"]
         points.append((f"{model}\n{strategy}", scores, choice["chosen"], interval))
     table = pd.DataFrame(rows, columns=COLUMNS)
