@@ -8,12 +8,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from emoevales_copy import NoCopy, data_copy
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+TORCH_THREADS = torch.get_num_threads()  # this process's own, before any test sets it
 
 pytest_plugins = ("fixtures_models",)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that runs a job in this process sets torch's threads to the job's
+    (``configure_cpu``; in the workflow the job's process ends with it): every later
+    test gets the process's own count back rather than inheriting, say, one thread."""
+    yield
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")
