@@ -12,7 +12,7 @@ SNAKEMAKE_ARGS ?=
 # make ui: browse the MLflow runs on http://127.0.0.1:$(UI_PORT)
 UI_PORT ?= 5000
 
-.PHONY: gpu-check-bundle setup gemma-setup vllm-setup vllm-serve run test test-fast lint ui bench bench-finetune bench-family conformance clean
+.PHONY: gpu-check-bundle setup gemma-setup gemma-setup-if-possible vllm-setup vllm-setup-if-possible vllm-serve run test test-fast lint ui bench bench-finetune bench-family conformance clean
 
 setup: $(STAMP)
 
@@ -65,10 +65,17 @@ run: setup
 
 # The vLLM tests need vLLM's own environment: made here where it can be (its tests are
 # skipped, with the reason, where it cannot).
-test: setup
-	@$(MAKE) --no-print-directory gemma-setup || echo "Gemma 3's packages could not be installed here: its tests will be skipped"
-	@$(MAKE) --no-print-directory vllm-setup || echo "vLLM could not be installed here: its tests will be skipped"
+# The environments install side by side: pip keeps one core busy, and the vLLM one does
+# not wait for ours.
+test:
+	@$(MAKE) --no-print-directory -j3 setup gemma-setup-if-possible vllm-setup-if-possible
 	$(BIN)/python -m pytest
+
+gemma-setup-if-possible: setup
+	@$(MAKE) --no-print-directory gemma-setup || echo "Gemma 3's packages could not be installed here: its tests will be skipped"
+
+vllm-setup-if-possible:
+	@$(MAKE) --no-print-directory vllm-setup || echo "vLLM could not be installed here: its tests will be skipped"
 
 # While developing: every module's tests without the slow ones (workflow runs, real
 # models, long trainings); about 3 minutes on a 2-core CPU. `make test` before a push.
