@@ -78,7 +78,7 @@ vllm-setup-if-possible:
 	@$(MAKE) --no-print-directory vllm-setup || echo "vLLM could not be installed here: its tests will be skipped"
 
 # While developing: every module's tests without the slow ones (workflow runs, real
-# models, long trainings); about 3 minutes on a 2-core CPU. `make test` before a push.
+# models, long trainings); under 3 minutes on a 2-core CPU. `make test` before a push.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
