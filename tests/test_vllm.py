@@ -118,7 +118,6 @@ def finished_run(tmp_path_factory, server: VllmServer, data_dir: Path, smollm2_d
     return workflow
 
 
-
 def prediction(run: Path, model: str, strategy: str):
     """A strategy's predictions and record; for a prompt family, every variant's test
     predictions (each model chooses its own variant: those are compared variant by
