@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -101,10 +102,25 @@ def _tail(text: str, lines: int = 6) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(taken: Collection[int] = ()) -> int:
+    """A free port below the kernel's ephemeral range. The daemons bind theirs tens of
+    seconds after the ports are chosen, and meanwhile the clients' own connections
+    (sacctmgr, scontrol, slurmctld to slurmdbd) take ephemeral ports: a port from that
+    range was once taken before slurmd bound it ("Address already in use"). Never one
+    of ``taken``."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 12000), low), 200):
+        if port in taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterUnavailable(f"no free port below the ephemeral range ({low})")
 
 
 def wait_for(process: subprocess.Popen, what: str, check: Callable[[], bool], timeout: float,
@@ -220,7 +236,9 @@ class SlurmCluster:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
         (self.root / "munge").chmod(0o700)
-        ports = {name: free_port() for name in ("slurmctld", "slurmd", "slurmdbd", "mariadb")}
+        ports: dict[str, int] = {}
+        for name in ("slurmctld", "slurmd", "slurmdbd", "mariadb"):
+            ports[name] = free_port(taken=ports.values())
         log = self.root / "log"
 
         # munge: a fresh key, a private socket.
